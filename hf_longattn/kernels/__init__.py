@@ -1,0 +1,20 @@
+"""Attention kernels behind one contract (pattern.SparsePattern).
+
+`sparse_attention` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere; `dense_attention` is
+the exact dense path with the same inputs.
+"""
+
+from .dense import dense_attention
+from .pattern import SparsePattern, window_pattern
+from .reference import sparse_attention_reference
+
+__all__ = ["SparsePattern", "window_pattern", "sparse_attention", "sparse_attention_reference", "dense_attention"]
+
+
+def sparse_attention(
+    query, key, value, pattern: SparsePattern, scale=None, softcap=None, kv_start=None, return_lse=False,
+):
+    """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D] (and lse [B, Hq, Lq] if asked)."""
+    return sparse_attention_reference(
+        query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=return_lse
+    )

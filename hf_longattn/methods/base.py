@@ -1,0 +1,46 @@
+"""What a method is: a selector that answers "which keys does each query block look at?".
+
+A method implements `select` (q, k -> SparsePattern) and inherits `attend`, which hands the pattern to the shared
+kernel. A method whose output is not one pattern (HyperAttention merges a sampled residual through the LSE) overrides
+`attend` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..config import MethodConfig
+from ..kernels import SparsePattern, sparse_attention
+
+
+@dataclass
+class AttentionCall:
+    """What one layer's attention call knows beyond q, k, v."""
+
+    layer_idx: int
+    scale: float
+    softcap: float | None
+    # [B] first valid key position of each sequence (left padding), or None when nothing is padded.
+    kv_start: torch.Tensor | None
+    # Per-layer memory across calls of one sequence (e.g. a decode refresh schedule). It is emptied whenever a call
+    # does not continue the previous one (new prompt, new generate()), so a method never sees stale state.
+    state: dict = field(default_factory=dict)
+
+
+class SparseMethod:
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, call: AttentionCall) -> SparsePattern:
+        raise NotImplementedError(f"{type(self).__name__} must implement select() or attend()")
+
+    def attend(self, query, key, value, call: AttentionCall) -> torch.Tensor:
+        """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> [B, Lq, Hq, D]."""
+        pattern = self.select(query, key, call)
+        return sparse_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap, kv_start=call.kv_start)

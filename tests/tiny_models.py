@@ -1,0 +1,32 @@
+"""Small random-weight models of every supported family (no downloads): the dense output is the reference."""
+
+import torch
+from transformers import (
+    Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM, GemmaConfig, GemmaForCausalLM,
+    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+)
+
+COMMON = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(
+        **COMMON, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 512})),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, sliding_window=24)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**{**COMMON, "head_dim": 32})),
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+        **{**COMMON, "head_dim": 32}, sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0)),
+    "gemma3_text": lambda: Gemma3ForCausalLM(Gemma3TextConfig(
+        **{**COMMON, "head_dim": 32, "num_hidden_layers": 6}, sliding_window=16, query_pre_attn_scalar=24)),
+}
+
+
+def make_model(family: str, attn_implementation: str = "eager", dtype=torch.float32):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(dtype).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
