@@ -1,11 +1,13 @@
 """Attention kernels behind one contract (pattern.SparsePattern).
 
-`sparse_attention` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere; `dense_attention` is
-the exact dense path with the same inputs.
+`sparse_attention` runs the Triton kernels (triton_prefill.py, triton_decode.py) on CUDA tensors and the PyTorch
+reference elsewhere, through ops.py (dispatch + the torch.compile custom op); `dense_attention` is the exact dense path
+with the same inputs.
 """
 
 from .dense import dense_attention
 from .pattern import SparsePattern, window_pattern
+from . import ops
 from .reference import sparse_attention_reference
 
 __all__ = ["SparsePattern", "window_pattern", "sparse_attention", "sparse_attention_reference", "dense_attention"]
@@ -13,8 +15,14 @@ __all__ = ["SparsePattern", "window_pattern", "sparse_attention", "sparse_attent
 
 def sparse_attention(
     query, key, value, pattern: SparsePattern, scale=None, softcap=None, kv_start=None, return_lse=False,
+    backend: str = "auto",
 ):
-    """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D] (and lse [B, Hq, Lq] if asked)."""
-    return sparse_attention_reference(
-        query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=return_lse
+    """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D] (and lse [B, Hq, Lq] if asked).
+
+    ``backend``: "auto" (Triton for CUDA tensors when triton is installed, the PyTorch reference otherwise),
+    "triton" (also on CPU tensors under TRITON_INTERPRET=1, for tests) or "reference".
+    """
+    return ops.sparse_attention(
+        query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=return_lse,
+        backend=backend,
     )

@@ -1,0 +1,113 @@
+"""Dispatch of the shared sparse attention, and its torch.library custom op for torch.compile.
+
+Eager calls go straight to an implementation (the custom-op dispatcher costs tens of microseconds, too much for
+decode); under torch.compile the same call goes through `hf_longattn::sparse_attention`, whose fake implementation
+gives compile the output shapes without running anything. The Triton modules are imported on first use, so that a
+test can set TRITON_INTERPRET=1 before Triton compiles anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .pattern import SparsePattern
+from .reference import sparse_attention_reference
+
+BACKENDS = ("auto", "triton", "reference")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if HAS_TRITON and device.type == "cuda" else "reference"
+    if backend == "triton" and not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='reference'")
+    return backend
+
+
+def check_inputs(query, key, value, pattern: SparsePattern, kv_start) -> None:
+    """Raise a clear error for inputs the kernels cannot take."""
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(
+            "sparse_attention expects query [B, Hq, Lq, D] and key/value [B, Hkv, Lk, D] of one shape; got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    batch, num_q_heads, q_len, head_dim = query.shape
+    if key.shape[0] != batch or key.shape[3] != head_dim or num_q_heads % key.shape[1]:
+        raise ValueError(
+            f"key/value {tuple(key.shape)} do not match query {tuple(query.shape)}: same batch and head_dim, and the "
+            "number of query heads must be a multiple of the number of key/value heads"
+        )
+    if q_len > key.shape[2]:
+        raise ValueError(f"{q_len} queries but only {key.shape[2]} keys: queries are the last Lq of the Lk keys")
+    if kv_start is not None and tuple(kv_start.shape) != (batch,):
+        raise ValueError(f"kv_start must be a [B] = [{batch}] tensor of first valid key positions, got {tuple(kv_start.shape)}")
+    pattern.validate(batch, num_q_heads, key.shape[1], q_len)
+
+
+def _triton_attention(query, key, value, pattern, scale, softcap, kv_start):
+    from .triton_decode import sparse_decode, use_decode
+    from .triton_prefill import sparse_prefill
+
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {query.dtype}")
+    # Kernels index with strides but need each head's vectors contiguous.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    pattern = SparsePattern(
+        pattern.block_indices.to(torch.int32).contiguous(), pattern.block_counts.to(torch.int32).contiguous(),
+        pattern.block_size_q, pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens,
+    )
+    run = sparse_decode if use_decode(pattern, query.shape[2]) else sparse_prefill
+    return run(query, key, value, pattern, scale, softcap, kv_start)
+
+
+def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend):
+    """(out [B, Lq, Hq, D], lse [B, Hq, Lq]) from the chosen backend; inputs already checked."""
+    if resolve_backend(backend, query.device) == "triton":
+        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start)
+    return sparse_attention_reference(
+        query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=True
+    )
+
+
+@torch.library.custom_op("hf_longattn::sparse_attention", mutates_args=())
+def sparse_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    block_indices: torch.Tensor, block_counts: torch.Tensor, kv_start: torch.Tensor | None,
+    block_size_q: int, block_size_k: int, sink_tokens: int, window_tokens: int,
+    scale: float, softcap: float | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern = SparsePattern(block_indices, block_counts, block_size_q, block_size_k, sink_tokens, window_tokens)
+    out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend)
+    return out.contiguous(), lse.contiguous()
+
+
+@sparse_attention_op.register_fake
+def _(query, key, value, block_indices, block_counts, kv_start, block_size_q, block_size_k, sink_tokens,
+      window_tokens, scale, softcap, backend):
+    batch, num_q_heads, q_len, head_dim = query.shape
+    out = query.new_empty(batch, q_len, num_q_heads, head_dim)
+    lse = query.new_empty(batch, num_q_heads, q_len, dtype=torch.float32)
+    return out, lse
+
+
+def sparse_attention(query, key, value, pattern, scale=None, softcap=None, kv_start=None, return_lse=False,
+                     backend="auto"):
+    check_inputs(query, key, value, pattern, kv_start)
+    scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+    softcap = None if softcap is None else float(softcap)
+    if kv_start is not None:
+        kv_start = kv_start.to(device=query.device)
+    if torch.compiler.is_compiling():
+        out, lse = sparse_attention_op(
+            query, key, value, pattern.block_indices, pattern.block_counts, kv_start, pattern.block_size_q,
+            pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens, scale, softcap, backend,
+        )
+    else:
+        out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,193 @@
+"""Triton sparse decode: a few queries (1 to ~16, one query block) against the selected keys of a long cache.
+
+With so few queries the prefill kernel would run one program per head and leave the GPU idle, so the work is split
+along the keys instead (split-K): the sink tiles, the flat list of selected tokens and the window tiles form one list
+of key tiles, each program attends to a contiguous share of it for all query heads of its GQA group and all queries
+(M = G x queries rows), writes a partial output and log-sum-exp, and a second small kernel merges the partials.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_prefill import _load_kv, _scores, _softmax_step, dot_precision, key_tile_size, score_scaling
+
+# Decode runs when the queries fit one query block and are at most this many (else the prefill kernel runs).
+MAX_DECODE_QUERIES = 16
+
+
+@triton.jit
+def _sparse_decode_split_kernel(
+    Q, K, V, PartOut, PartLse, BlockIdx, BlockCnt, KvStart,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ib, stride_ih, stride_cb, stride_ch,
+    num_heads, q_len, k_len, sink_tokens, window_tokens, tiles_per_split, num_splits,
+    score_scale, softcap_log2,
+    G: tl.constexpr, G_PAD: tl.constexpr, KV_GROUP: tl.constexpr, BK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_START: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = G_PAD * Q_PAD
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    ph = bh % num_heads
+    offset = k_len - q_len
+    q_first = offset
+    q_last = k_len - 1
+
+    offs_m = tl.arange(0, BLOCK_M)
+    head = ph * G + offs_m // Q_PAD
+    q_idx = offs_m % Q_PAD
+    row_ok = (offs_m // Q_PAD < G) & (q_idx < q_len)
+    q_pos = tl.minimum(q_idx + offset, q_last)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + head[:, None].to(tl.int64) * stride_qh \
+        + q_idx[:, None].to(tl.int64) * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    kv_head = (ph * G) // KV_GROUP
+    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    kv_start = 0
+    if HAS_KV_START:
+        kv_start = tl.load(KvStart + b).to(tl.int32)
+    sink_end = kv_start + sink_tokens
+    idx_row = BlockIdx + b.to(tl.int64) * stride_ib + ph * stride_ih
+    n_tokens = tl.load(BlockCnt + b.to(tl.int64) * stride_cb + ph * stride_ch) * BK
+    win_lo = tl.maximum(sink_end, q_first - window_tokens + 1)
+    win_hi = tl.where(window_tokens > 0, q_last, win_lo - 1)
+
+    # One list of key tiles: sink tiles, then the selected tokens, then the window tiles.
+    n_sink = tl.cdiv(tl.maximum(tl.minimum(sink_end, q_last + 1) - kv_start, 0), BLOCK_N)
+    n_selected = tl.cdiv(n_tokens, BLOCK_N)
+    n_window = tl.cdiv(tl.maximum(win_hi - win_lo + 1, 0), BLOCK_N)
+    n_tiles = n_sink + n_selected + n_window
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for i in range(split * tiles_per_split, tl.minimum((split + 1) * tiles_per_split, n_tiles)):
+        in_sink = i < n_sink
+        in_selected = (i >= n_sink) & (i < n_sink + n_selected)
+        j = (i - n_sink) * BLOCK_N + offs_n
+        live = (j < tl.where(in_selected, n_tokens, 0)) & (j >= 0)
+        selected_pos = tl.where(live, tl.load(idx_row + j // BK, mask=live, other=0) * BK + j % BK, -1)
+        window_pos = win_lo + (i - n_sink - n_selected) * BLOCK_N + offs_n
+        pos = tl.where(in_sink, kv_start + i * BLOCK_N + offs_n, tl.where(in_selected, selected_pos, window_pos))
+        k, v = _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM, D_PAD)
+        s = _scores(q, k, score_scale, softcap_log2, SOFTCAP, PRECISION)
+        # The region's own rule per token (pattern.py), with causality.
+        lo = tl.where(in_sink, kv_start, tl.where(in_selected, sink_end, tl.maximum(sink_end, q_pos - window_tokens + 1)))
+        hi = tl.where(in_sink, tl.minimum(sink_end - 1, q_pos), tl.where(in_selected, q_pos - window_tokens, q_pos))
+        visible = (pos[None, :] >= lo[:, None]) & (pos[None, :] <= hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+
+    seen = l_i > 0.0
+    part = (bh * num_splits + split) * BLOCK_M + offs_m
+    tl.store(PartOut + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None])
+    tl.store(PartLse + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
+
+
+@triton.jit
+def _merge_splits_kernel(
+    PartOut, PartLse, Out, Lse, stride_ob, stride_ol, stride_oh, num_heads, q_len, num_splits,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = G_PAD * Q_PAD
+    bh = tl.program_id(0)
+    b = bh // num_heads
+    ph = bh % num_heads
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for split in range(0, num_splits):
+        part = (bh * num_splits + split) * BLOCK_M + offs_m
+        lse_s = tl.load(PartLse + part)
+        out_s = tl.load(PartOut + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :])
+        m_new = tl.maximum(m_i, lse_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        weight = tl.math.exp2(lse_s - m_use)
+        acc = acc * alpha[:, None] + out_s * weight[:, None]
+        l_i = l_i * alpha + weight
+        m_i = m_new
+
+    head = ph * G + offs_m // Q_PAD
+    q_idx = offs_m % Q_PAD
+    row_ok = (offs_m // Q_PAD < G) & (q_idx < q_len)
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + q_idx[:, None] * stride_ol + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(Lse + (b.to(tl.int64) * (num_heads * G) + head) * q_len + q_idx, lse, mask=row_ok)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About two waves of programs on the GPU (a small fixed number elsewhere)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * _SM_COUNT[index]
+
+
+def use_decode(pattern, q_len: int) -> bool:
+    return q_len <= MAX_DECODE_QUERIES and pattern.num_query_blocks == 1
+
+
+def sparse_decode(query, key, value, pattern, scale: float, softcap: float | None, kv_start, config: dict | None = None):
+    """query [B, Hq, Lq <= 16, D] in one query block -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
+    batch, num_q_heads, q_len, head_dim = query.shape
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    heads = pattern.num_heads
+    group = num_q_heads // heads
+    g_pad = triton.next_power_of_2(group)
+    q_pad = max(triton.next_power_of_2(q_len), triton.cdiv(16, g_pad))  # tl.dot needs M >= 16
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    cfg = dict(dict(BLOCK_N=64, num_warps=4, num_stages=2, splits=None), **(config or {}))
+    block_n = key_tile_size(cfg.pop("BLOCK_N"), pattern.block_size_k)
+
+    # An upper bound of the tiles any row can have, known without reading the counts back from the device.
+    max_tiles = (triton.cdiv(pattern.sink_tokens, block_n) + triton.cdiv(pattern.max_blocks * pattern.block_size_k, block_n)
+                 + triton.cdiv(pattern.window_tokens + q_len, block_n) + 1)
+    splits = cfg.pop("splits") or min(max_tiles, max(1, triton.cdiv(_programs_wanted(query.device), batch * heads)))
+    tiles_per_split = triton.cdiv(max_tiles, splits)
+    splits = triton.cdiv(max_tiles, tiles_per_split)
+
+    rows = g_pad * q_pad
+    part_out = torch.empty(batch * heads * splits * rows, d_pad, device=query.device, dtype=torch.float32)
+    part_lse = torch.empty(batch * heads * splits * rows, device=query.device, dtype=torch.float32)
+    idx, cnt = pattern.block_indices, pattern.block_counts
+    score_scale, softcap_log2 = score_scaling(scale, softcap)
+    _sparse_decode_split_kernel[(splits, batch * heads)](
+        query, key, value, part_out, part_lse, idx, cnt, kv_start if kv_start is not None else cnt,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *idx.stride()[:2], *cnt.stride()[:2],
+        heads, q_len, k_len, pattern.sink_tokens, pattern.window_tokens, tiles_per_split, splits,
+        score_scale, softcap_log2,
+        G=group, G_PAD=g_pad, KV_GROUP=num_q_heads // num_kv_heads, BK=pattern.block_size_k,
+        HEAD_DIM=head_dim, D_PAD=d_pad, Q_PAD=q_pad, BLOCK_N=block_n,
+        HAS_KV_START=kv_start is not None, SOFTCAP=softcap is not None, PRECISION=dot_precision(query.dtype),
+        **cfg,
+    )
+    out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
+    lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)
+    _merge_splits_kernel[(batch * heads,)](
+        part_out, part_lse, out, lse, *out.stride()[:3], heads, q_len, splits,
+        G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, Q_PAD=q_pad, num_warps=4,
+    )
+    return out, lse
