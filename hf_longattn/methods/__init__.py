@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from .base import AttentionCall, SparseMethod
+from .blocktopk import BlockTopK
 from .dense import Dense
+from .hip import Hip
 from .streaming import Streaming
 
 METHODS: dict[str, type[SparseMethod]] = {}
@@ -20,7 +22,7 @@ def get_method(name: str) -> type[SparseMethod]:
     return METHODS[name]
 
 
-for _cls in (Dense, Streaming):
+for _cls in (Dense, Streaming, Hip, BlockTopK):
     register_method(_cls)
 
 __all__ = ["AttentionCall", "SparseMethod", "METHODS", "register_method", "get_method"]

@@ -1,0 +1,167 @@
+"""HiP mask estimation: hierarchical top-k key-block search (Lee et al., "HiP Attention", arXiv 2406.09827).
+
+For each query block, the key blocks that lie past the sink and before its sliding window (the candidates) are split
+into ``n = k / block_size_k`` contiguous groups. Every iteration splits each group into two halves, scores each half
+by its centre ("representative") key block - the max of q.k over the block's tokens and the query block's strided
+queries (and, with a shared selection, the GQA group's query heads) - and keeps the ``n`` best of the ``2n`` halves.
+The largest group halves each round, so after ceil(log2(candidates / n)) rounds every survivor is one key block: the
+selection. Work per query block is O(n x iterations), never O(Lk); no Lq x Lk tensor exists at any step.
+
+`hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs the whole search for one
+(batch, head, query block) in one Triton program (hip_mask_kernel.py, imported on first use so that importing the
+package does not import Triton and tests can still choose TRITON_INTERPRET=1). Both break score ties towards the lower half index, so they agree
+exactly up to float rounding. `hip_mask` dispatches: Triton on CUDA, the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pattern import SparsePattern, query_block_ranges
+
+# Score of a (query, key) pair that causality hides: finite, so that a half that only such pairs reach still ranks
+# above an empty half (-inf). The kernel spells the same value as a literal.
+_HIDDEN = -1e30
+# Upper bound on the score elements the reference materialises at once.
+_MAX_SCORE_ELEMENTS = 1 << 24
+
+
+def candidate_block_range(
+    batch: int, q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink: int, window: int,
+    kv_start: torch.Tensor | None, device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each [B, nQB]: the key blocks [lo, hi) a query block chooses from.
+
+    lo is the block holding the first key past the sink; hi ends at the last key that the block's last query does not
+    see through its window. Every key a query of the block may see outside sink and window lies in [lo, hi) blocks,
+    so selecting all of them is exact dense attention.
+    """
+    _, last = query_block_ranges(q_len, k_len, block_size_q, device)
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
+    lo = ((start + sink) // block_size_k).view(-1, 1)
+    hi = (torch.clamp(last - window + 1, min=0) + block_size_k - 1) // block_size_k
+    hi = torch.maximum(hi.view(1, -1), lo)
+    return lo.expand(batch, hi.shape[1]), hi
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _head_layout(num_q_heads: int, num_kv_heads: int, shared_kv_heads: bool):
+    """(pattern heads, query heads per pattern head)."""
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv_heads} key/value heads")
+    return (num_kv_heads, num_q_heads // num_kv_heads) if shared_kv_heads else (num_q_heads, 1)
+
+
+def _check_inputs(query, key, k, block_size_k):
+    if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
+        raise ValueError(f"hip_mask needs query [B, Hq, Lq, D] and key [B, Hkv, Lk, D]; got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    if query.shape[2] > key.shape[2]:
+        raise ValueError(f"{query.shape[2]} queries but only {key.shape[2]} keys: queries are the last Lq keys")
+    if k < block_size_k or k % block_size_k:
+        raise ValueError(f"k={k} must be a positive multiple of block_size_k={block_size_k}")
+
+
+def hip_mask_reference(
+    query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
+    sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
+) -> SparsePattern:
+    """query [B, Hq, Lq, D], key [B, Hkv, Lk, D] -> SparsePattern with k // block_size_k blocks per query block."""
+    _check_inputs(query, key, k, block_size_k)
+    batch, num_q_heads, q_len, dim = query.shape
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
+    n_sel, device = k // block_size_k, query.device
+    n_qb = -(-q_len // block_size_q)
+
+    # Strided queries of every block, the pattern head's query heads side by side: [B, H, nQB, R, D].
+    rows = torch.arange(0, block_size_q, query_stride, device=device)
+    q_idx = torch.arange(n_qb, device=device).view(-1, 1) * block_size_q + rows  # [nQB, NQ]
+    q_sel = query.float()[:, :, q_idx.clamp(max=q_len - 1)]  # [B, Hq, nQB, NQ, D]
+    q_sel = q_sel.view(batch, heads, per_head, n_qb, rows.numel(), dim).transpose(2, 3).flatten(3, 4)
+    q_pos = (q_idx + k_len - q_len).repeat(1, per_head)  # [nQB, R]
+    q_live = (q_idx < q_len).repeat(1, per_head)
+    kv_head = torch.arange(heads, device=device) // (num_q_heads // num_kv_heads // per_head)
+    keys = key.float()[:, kv_head]  # [B, H, Lk, D]; a view-free gather only over heads
+
+    lo, hi = candidate_block_range(batch, q_len, k_len, block_size_q, block_size_k, sink, window, kv_start, device)
+    count = (hi - lo).unsqueeze(1).expand(batch, heads, n_qb)
+    i = torch.arange(n_sel + 1, device=device)
+    bounds = lo.unsqueeze(-1) + (i * count[:, 0].unsqueeze(-1)) // n_sel  # [B, nQB, n+1]
+    starts = bounds[..., :-1].unsqueeze(1).expand(batch, heads, n_qb, n_sel).contiguous()
+    ends = bounds[..., 1:].unsqueeze(1).expand(batch, heads, n_qb, n_sel).contiguous()
+
+    largest = int(-(-count.max().item() // n_sel)) if count.numel() else 0
+    token = torch.arange(block_size_k, device=device)
+    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * q_pos.shape[1] * 2 * n_sel * block_size_k))
+    while largest > 1:
+        mid = starts + (ends - starts + 1) // 2
+        half_start = torch.stack([starts, mid], -1).flatten(-2)  # half 2g + side of group g
+        half_end = torch.stack([mid, ends], -1).flatten(-2)
+        scores = torch.empty(half_start.shape, device=device)
+        for c0 in range(0, n_qb, chunk):
+            c = slice(c0, min(n_qb, c0 + chunk))
+            rep = (half_start[:, :, c] + half_end[:, :, c] - 1).clamp(min=0) // 2
+            k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, 2n * bk]
+            k_vec = torch.gather(keys, 2, k_pos.clamp(max=k_len - 1).flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim))
+            s = torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim))
+            visible = (k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)) & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
+            s = s.masked_fill(~visible, _HIDDEN).amax(-2)
+            scores[:, :, c] = s.view(*rep.shape, block_size_k).amax(-1)
+        scores = scores.masked_fill(half_end <= half_start, -torch.inf)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_sel]
+        starts, ends = half_start.gather(-1, order), half_end.gather(-1, order)
+        largest = (largest + 1) // 2
+
+    live = ends > starts
+    ids = torch.sort(torch.where(live, starts, torch.iinfo(torch.int32).max), dim=-1).values
+    counts = live.sum(-1)
+    ids = torch.where(torch.arange(n_sel, device=device) < counts.unsqueeze(-1), ids, 0)
+    return SparsePattern(ids.to(torch.int32), counts.to(torch.int32), block_size_q, block_size_k, sink, window)
+
+
+def hip_mask_triton(
+    query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
+    sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
+) -> SparsePattern:
+    """Same contract and result as `hip_mask_reference`, one Triton program per (batch, head, query block)."""
+    _check_inputs(query, key, k, block_size_k)
+    batch, num_q_heads, q_len, dim = query.shape
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
+    n_sel, device = k // block_size_k, query.device
+    n_qb = -(-q_len // block_size_q)
+    nq = -(-block_size_q // query_stride)
+    nsel_p2, bk_p2 = _next_power_of_2(n_sel), _next_power_of_2(block_size_k)
+    halves = 2 * nsel_p2
+    if kv_start is None:
+        kv_start = torch.zeros(batch, dtype=torch.int32, device=device)
+    programs = batch * heads * n_qb
+    groups = torch.empty(programs, halves, dtype=torch.int32, device=device)
+    scores = torch.empty(programs, halves, dtype=torch.float32, device=device)
+    sorted_keys = torch.empty(programs, halves, dtype=torch.int64, device=device)
+    ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
+    counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
+    if programs:
+        from .hip_mask_kernel import hip_mask_kernel
+
+        hip_mask_kernel[(n_qb, batch * heads)](
+            query, key, kv_start.to(device=device, dtype=torch.int32), ids, counts, groups, scores, sorted_keys,
+            *query.stride(), *key.stride(), q_len, k_len, heads, n_qb, sink, window,
+            PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
+            STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k,
+            BK_P2=bk_p2, DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, NSEL_P2=nsel_p2,
+            CHUNK=min(halves, max(16, 128 // bk_p2)),
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=8 if dim >= 128 else 4,
+        )
+    return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
+
+
+def hip_mask(query: torch.Tensor, key: torch.Tensor, **options) -> SparsePattern:
+    """HiP's top-k key-block selection: the Triton kernel on CUDA tensors, the PyTorch reference elsewhere."""
+    if query.is_cuda:
+        return hip_mask_triton(query, key, **options)
+    return hip_mask_reference(query, key, **options)

@@ -1,0 +1,101 @@
+"""The Triton kernel of HiP's mask estimation; hip_mask.py holds the algorithm's description, the PyTorch reference
+and the launcher (`hip_mask_triton`). One program = one (batch, pattern head, query block): the whole hierarchical
+search runs in registers plus a small per-program scratch area in global memory (the current groups, the halves'
+scores, their sorted order), with barriers between the phases that exchange data across threads.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def hip_mask_kernel(
+    Q, K, KV_START, OUT_IDX, OUT_COUNT, GROUPS, SCORES, SORTED,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    q_len, k_len, num_heads, num_q_blocks, sink, window,
+    PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
+    NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
+    DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program = one (batch, pattern head, query block); the algorithm is described in hip_mask.py."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    program = bh.to(tl.int64) * num_q_blocks + qb
+    HALVES: tl.constexpr = 2 * NSEL_P2
+    groups = GROUPS + program * HALVES  # starts at [0, NSEL_P2), ends at [NSEL_P2, 2 NSEL_P2)
+    scores_ptr = SCORES + program * HALVES
+    sorted_ptr = SORTED + program * HALVES
+
+    # Strided queries of the block for the pattern head's query heads: [ROWS, DIM].
+    r = tl.arange(0, ROWS)
+    q_row = qb * BLOCK_Q + (r % NQ) * STRIDE
+    row_live = (r < PER_HEAD * NQ) & (q_row < q_len)
+    q_head = h * PER_HEAD + r // NQ
+    d = tl.arange(0, DIM_P2)
+    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_ql + d[None, :] * stride_qd
+    q_tile = tl.load(q_ptrs, mask=row_live[:, None] & (d[None, :] < DIM), other=0.0)
+    q_pos = q_row + (k_len - q_len)
+    kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+
+    # Candidate key blocks [lo, hi) (candidate_block_range), split into NSEL contiguous groups.
+    last_pos = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1 + (k_len - q_len)
+    lo = (tl.load(KV_START + b) + sink) // BK
+    hi = tl.maximum((tl.maximum(last_pos - window + 1, 0) + BK - 1) // BK, lo)
+    n_cand = (hi - lo).to(tl.int64)
+    g = tl.arange(0, NSEL_P2)
+    g_start = tl.where(g < NSEL, lo + (g * n_cand) // NSEL, 0)
+    g_end = tl.where(g < NSEL, lo + ((g + 1) * n_cand) // NSEL, 0)
+    tl.store(groups + g, g_start.to(tl.int32))
+    tl.store(groups + NSEL_P2 + g, g_end.to(tl.int32))
+
+    largest = (n_cand + NSEL - 1) // NSEL
+    t = tl.arange(0, BK_P2)
+    while largest > 1:
+        tl.debug_barrier()
+        for c0 in tl.static_range(0, HALVES, CHUNK):
+            half = c0 + tl.arange(0, CHUNK)
+            gs = tl.load(groups + half // 2)
+            ge = tl.load(groups + NSEL_P2 + half // 2)
+            mid = gs + (ge - gs + 1) // 2
+            a = tl.where(half % 2 == 0, gs, mid)
+            z = tl.where(half % 2 == 0, mid, ge)
+            rep = tl.maximum(a + z - 1, 0) // 2
+            k_pos = tl.reshape(rep[:, None] * BK + t[None, :], [CHUNK * BK_P2])
+            k_live = tl.reshape((t[None, :] < BK) & (z > a)[:, None], [CHUNK * BK_P2]) & (k_pos < k_len)
+            k_ptrs = kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd
+            k_tile = tl.load(k_ptrs, mask=k_live[:, None] & (d[None, :] < DIM), other=0.0)
+            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)  # [ROWS, CHUNK * BK_P2]
+            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            best = tl.max(tl.reshape(tl.max(tl.where(visible, s, -1e30), axis=0), [CHUNK, BK_P2]), axis=1)
+            tl.store(scores_ptr + half, tl.where(z > a, best, float("-inf")))
+        tl.debug_barrier()
+
+        # Keep the NSEL best halves: sort (score, lower index first) packed into one int64 key.
+        i = tl.arange(0, HALVES)
+        bits = tl.load(scores_ptr + i).to(tl.int32, bitcast=True)
+        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        packed = tl.sort((order.to(tl.int64) << 32) | (HALVES - 1 - i).to(tl.int64), descending=True)
+        tl.store(sorted_ptr + i, packed)
+        tl.debug_barrier()
+        win = HALVES - 1 - (tl.load(sorted_ptr + g) & 0xFFFFFFFF).to(tl.int32)
+        gs = tl.load(groups + win // 2)
+        ge = tl.load(groups + NSEL_P2 + win // 2)
+        mid = gs + (ge - gs + 1) // 2
+        a = tl.where(g < NSEL, tl.where(win % 2 == 0, gs, mid), 0)
+        z = tl.where(g < NSEL, tl.where(win % 2 == 0, mid, ge), 0)
+        tl.debug_barrier()
+        tl.store(groups + g, a)
+        tl.store(groups + NSEL_P2 + g, z)
+        largest = (largest + 1) // 2
+
+    tl.debug_barrier()
+    gs = tl.load(groups + g)
+    ge = tl.load(groups + NSEL_P2 + g)
+    live = ge > gs
+    ids = tl.sort(tl.where(live, gs, 2147483647))
+    count = tl.sum(live.to(tl.int32), axis=0)
+    out = OUT_IDX + program * NSEL
+    tl.store(out + g, tl.where(g < count, ids, 0), mask=g < NSEL)
+    tl.store(OUT_COUNT + program, count)

@@ -1,0 +1,122 @@
+"""`hip`: Hierarchical Attention Pruning (Lee et al., "HiP Attention", arXiv 2406.09827, ICLR version).
+
+Each query block attends to an attention sink, a sliding window and the top-k key blocks that a hierarchical search
+finds (kernels/hip_mask.py), in O(T log T) time and without any Lq x Lk tensor.
+
+GQA: by default one selection is shared by the query heads of a key/value head (``shared_kv_heads=True``; a half is
+scored by the max over the group's heads). The sparse kernel then loads every selected key block once per group
+instead of once per query head, and the mask search runs once per kv head: with Llama-3-8B's 4 query heads per kv
+head that is 4x fewer programs for the same work per program. ``shared_kv_heads=False`` selects per query head, as
+the paper does for models without GQA.
+
+Decode (a call with at most one query block that continues the previous call): the search runs for the new queries
+every ``refresh_interval`` steps; in between, the last selection is reused plus every key block that has left the
+sliding window since, so no key that was visible at the refresh is dropped. The state lives in `AttentionCall.state`,
+which the patcher empties whenever a call does not continue the previous one (a new prompt, a new generate()).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, MethodConfig, non_negative, positive
+from ..kernels import SparsePattern
+from ..kernels.hip_mask import hip_mask
+from .base import SparseMethod
+
+# Named budgets. "paper": the paper's defaults. "retrieval": a 4x larger top-k and window, for needle-style retrieval
+# over long contexts where a missed block costs the answer.
+HIP_PRESETS = {
+    "paper": {"k": 512, "window": 256},
+    "retrieval": {"k": 2048, "window": 1024},
+}
+
+
+@dataclass
+class HipConfig(MethodConfig):
+    # A name from HIP_PRESETS; `k` and `window` given explicitly override it.
+    preset: str = "paper"
+    # Tokens selected per query block (k / block_size_k key blocks), beyond sink and window.
+    k: int | None = None
+    block_size_q: int = 64
+    block_size_k: int = 2
+    # Every query_stride-th query of a block scores the candidate blocks.
+    query_stride: int = 2
+    window: int | None = None
+    sink: int = 16
+    # Decode steps between two searches; 1 searches at every step.
+    refresh_interval: int = 8
+    shared_kv_heads: bool = True
+
+    def validate(self):
+        if self.preset not in HIP_PRESETS:
+            raise ConfigError(f"preset={self.preset!r} is unknown; choose one of {', '.join(HIP_PRESETS)}")
+        for name, value in HIP_PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        positive(self, "k", "block_size_q", "block_size_k", "query_stride", "refresh_interval")
+        non_negative(self, "window", "sink")
+        if self.k % self.block_size_k:
+            fixed = max(self.block_size_k, self.k // self.block_size_k * self.block_size_k)
+            raise ConfigError(
+                f"k={self.k} must be a multiple of block_size_k={self.block_size_k} (k counts whole key blocks); "
+                f"use k={fixed}"
+            )
+        if self.query_stride > self.block_size_q:
+            raise ConfigError(
+                f"query_stride={self.query_stride} skips past the whole query block (block_size_q="
+                f"{self.block_size_q}); use a stride <= block_size_q"
+            )
+        if not isinstance(self.shared_kv_heads, bool):
+            raise ConfigError(f"shared_kv_heads={self.shared_kv_heads!r} must be True or False")
+
+
+class Hip(SparseMethod):
+    name = "hip"
+    Config = HipConfig
+
+    def select(self, query: torch.Tensor, key: torch.Tensor, call) -> SparsePattern:
+        c = self.config
+        q_len, k_len = query.shape[2], key.shape[2]
+        decoding = q_len <= c.block_size_q
+        state = call.state.get("hip") if decoding else None
+        if state is not None and state["batch"] == query.shape[0] and state["age"] + 1 < c.refresh_interval:
+            state["age"] += 1
+            return self._reuse(state, k_len)
+
+        pattern = hip_mask(
+            query, key, k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
+            sink=c.sink, window=c.window, shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start,
+        )
+        if decoding:
+            call.state["hip"] = {"pattern": pattern, "hi": self._window_start_block(k_len), "age": 0,
+                                 "batch": query.shape[0]}
+        else:
+            call.state.pop("hip", None)
+        return pattern
+
+    def _window_start_block(self, k_len: int) -> int:
+        """End of the candidate blocks of the last query (candidate_block_range's hi, without the per-row sink)."""
+        c = self.config
+        return -(-max(k_len - c.window, 0) // c.block_size_k)
+
+    def _reuse(self, state: dict, k_len: int) -> SparsePattern:
+        """The last selection plus the key blocks [hi at refresh, hi now): those that left the window since.
+
+        Blocks past the stored selection's candidates were never searched; listing them keeps every key that was
+        visible at the refresh. (A listed block inside the sink is harmless: the pattern's regions are a partition.)
+        """
+        old: SparsePattern = state["pattern"]
+        first_new, n_new = state["hi"], self._window_start_block(k_len) - state["hi"]
+        if n_new <= 0:
+            return old
+        counts = old.block_counts.unsqueeze(-1)  # [B, H, 1, 1]
+        slot = torch.arange(old.max_blocks + n_new, device=counts.device)
+        padded = torch.nn.functional.pad(old.block_indices, (0, n_new))
+        ids = torch.where(slot < counts, padded, first_new + slot - counts)
+        new_counts = old.block_counts + n_new
+        ids = torch.where(slot < new_counts.unsqueeze(-1), ids, 0).to(torch.int32)
+        return SparsePattern(ids, new_counts.to(torch.int32), old.block_size_q, old.block_size_k, old.sink_tokens,
+                             old.window_tokens)

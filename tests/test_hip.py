@@ -1,0 +1,275 @@
+"""HiP (hierarchical top-k search) and the blocktopk baseline: config, the search itself, kernel vs reference,
+exactness against dense at a budget that covers the context, decode refresh state."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported (the kernels import it lazily)
+
+from hf_longattn import ConfigError, patch_model, patched
+from hf_longattn.kernels import dense_attention
+from hf_longattn.kernels.hip_mask import candidate_block_range, hip_mask_reference, hip_mask_triton
+from hf_longattn.methods import AttentionCall
+from hf_longattn.methods.blocktopk import BlockTopK, BlockTopKConfig
+from hf_longattn.methods.hip import HIP_PRESETS, Hip, HipConfig
+from tiny_models import make_model
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+# Tiny blocks so that short test inputs have many candidates; "full" covers every test context (<= 128 keys).
+SMALL = dict(block_size_q=8, block_size_k=2, query_stride=2, sink=2, window=4)
+FULL = dict(SMALL, k=128)
+
+
+def _qk(batch=1, hq=4, hkv=2, q_len=48, k_len=48, dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, hq, q_len, dim, generator=gen), torch.randn(batch, hkv, k_len, dim, generator=gen)
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+def test_defaults_are_the_papers_and_retrieval_preset_is_larger():
+    c = HipConfig()
+    assert (c.k, c.block_size_q, c.query_stride, c.block_size_k, c.window, c.sink) == (512, 64, 2, 2, 256, 16)
+    r = HipConfig(preset="retrieval")
+    assert (r.k, r.window) == (2048, 1024) == (HIP_PRESETS["retrieval"]["k"], HIP_PRESETS["retrieval"]["window"])
+    assert HipConfig(preset="retrieval", k=4096).k == 4096  # explicit options win over the preset
+    assert HipConfig.from_options("hip", r.options()) == r  # options() round-trips
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"k": 7}, "multiple of block_size_k"),
+    ({"k": 0}, "positive"),
+    ({"preset": "fast"}, "preset"),
+    ({"window": -1}, ">= 0"),
+    ({"query_stride": 128}, "query_stride"),
+    ({"refresh_interval": 0}, "refresh_interval"),
+    ({"shared_kv_heads": "yes"}, "shared_kv_heads"),
+    ({"budget": 512}, "no option budget"),
+])
+def test_bad_options_fail_with_a_clear_error(options, message):
+    with pytest.raises(ConfigError, match=message):
+        patch_model(make_model("llama"), "hip", **options)
+
+
+def test_blocktopk_config_checks_block_multiple():
+    with pytest.raises(ConfigError, match="multiple of block_size_k"):
+        BlockTopKConfig(k=100, block_size_k=64)
+
+
+# --- the search ---------------------------------------------------------------------------------------------------
+
+def test_small_candidate_sets_are_taken_whole():
+    q, k = _qk(q_len=40, k_len=40)
+    pattern = hip_mask_reference(q, k, **FULL)
+    lo, hi = candidate_block_range(1, 40, 40, 8, 2, 2, 4, None, "cpu")
+    for qb in range(pattern.num_query_blocks):
+        expected = list(range(int(lo[0, qb]), int(hi[0, qb])))
+        for h in range(2):
+            n = int(pattern.block_counts[0, h, qb])
+            assert pattern.block_indices[0, h, qb, :n].tolist() == expected
+
+
+def _peaked_keys(k_len, dim, peak, width=3.0):
+    """Keys whose score against the all-ones query falls off smoothly (Gaussian) around position `peak`."""
+    pos = torch.arange(k_len, dtype=torch.float32)
+    strength = 6.0 * torch.exp(-((pos - peak) / (width * k_len / 64)) ** 2)
+    return (strength.view(-1, 1) * torch.ones(dim) / dim).view(1, 1, k_len, dim)
+
+
+@pytest.mark.parametrize("peak", [37, 150, 230])
+def test_search_finds_the_exact_top_blocks_on_a_smooth_score_landscape(peak):
+    # Attention locality (neighbouring keys score alike) is HiP's premise; under it the search must be exact.
+    k_len, dim, n_sel, bk = 256, 8, 4, 2
+    key = _peaked_keys(k_len, dim, peak) + 1e-3 * torch.randn(1, 1, k_len, dim, generator=torch.Generator().manual_seed(1))
+    query = torch.ones(1, 1, 8, dim)
+    pattern = hip_mask_reference(query, key, k=n_sel * bk, block_size_q=8, block_size_k=bk, query_stride=1,
+                                 sink=0, window=8)
+    # Brute force, independent of the search: every candidate block's best token score, exact top-n.
+    scores = (key[0, 0] @ query[0, 0].T).amax(-1).view(-1, bk).amax(-1)[: (k_len - 8) // bk]
+    expected = sorted(torch.topk(scores, n_sel).indices.tolist())
+    assert pattern.block_indices[0, 0, 0].tolist() == expected
+
+
+def test_selection_is_causal_distinct_and_ascending():
+    q, k = _qk(batch=2, q_len=64, k_len=96)
+    kv_start = torch.tensor([0, 9])
+    pattern = hip_mask_reference(q, k, **dict(SMALL, k=6), kv_start=kv_start)
+    lo, hi = candidate_block_range(2, 64, 96, 8, 2, 2, 4, kv_start, "cpu")
+    for b in range(2):
+        for h in range(2):
+            for qb in range(pattern.num_query_blocks):
+                n = int(pattern.block_counts[b, h, qb])
+                ids = pattern.block_indices[b, h, qb, :n].tolist()
+                assert n == min(3, int(hi[b, qb] - lo[b, qb]))
+                assert ids == sorted(set(ids)) and all(lo[b, qb] <= i < hi[b, qb] for i in ids)
+
+
+KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
+    (1, 4, 2, 40, 40, 16, dict(SMALL, k=8)),
+    (2, 4, 2, 1, 50, 16, dict(SMALL, k=8)),  # decode, padded second row
+    (1, 4, 2, 33, 60, 16, dict(k=6, block_size_q=8, block_size_k=3, query_stride=2, sink=1, window=0,
+                               shared_kv_heads=False)),  # odd block size, no window, per query head
+    (1, 2, 1, 64, 64, 32, dict(k=16, block_size_q=16, block_size_k=4, query_stride=3, sink=4, window=8)),
+]
+
+
+def _compare_kernel(case, device):
+    batch, hq, hkv, q_len, k_len, dim, options = case
+    q, k = _qk(batch, hq, hkv, q_len, k_len, dim, seed=q_len)
+    kv_start = torch.tensor([0, 5][:batch])
+    expected = hip_mask_reference(q, k, kv_start=kv_start, **options)
+    got = hip_mask_triton(q.to(device), k.to(device), kv_start=kv_start.to(device), **options)
+    assert torch.equal(got.block_counts.cpu(), expected.block_counts)
+    assert torch.equal(got.block_indices.cpu(), expected.block_indices)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=["prefill", "decode-padded", "per-head-odd", "stride3"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU")
+def test_triton_kernel_matches_reference_interpreted(case):
+    _compare_kernel(case, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", KERNEL_CASES + [(1, 8, 2, 700, 900, 64, dict(k=64, block_size_q=64, block_size_k=2,
+                                                                          query_stride=2, sink=16, window=64))])
+def test_triton_kernel_matches_reference_on_gpu(case):
+    _compare_kernel(case, "cuda")
+
+
+# --- exactness ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["hip", "blocktopk"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_attention_with_full_budget_is_dense(method, shared):
+    q, k = _qk(batch=2, q_len=40, k_len=56)
+    v = torch.randn_like(k)
+    kv_start = torch.tensor([0, 11])
+    if method == "hip":
+        instance = Hip(HipConfig(**FULL, shared_kv_heads=shared))
+    else:
+        if not shared:
+            pytest.skip("blocktopk always shares its selection per kv head")
+        instance = BlockTopK(BlockTopKConfig(k=64, block_size_q=8, block_size_k=4, window=4, sink=2))
+    call = AttentionCall(0, 0.3, 20.0, kv_start)
+    out = instance.attend(q, k, v, call)
+    torch.testing.assert_close(out, dense_attention(q, k, v, 0.3, 20.0, kv_start=kv_start), **TOL)
+
+
+def test_attention_with_small_budget_is_not_dense():
+    # The check above must be able to fail: a small budget drops keys and changes the output.
+    q, k = _qk(q_len=40, k_len=56)
+    v = torch.randn_like(k)
+    out = Hip(HipConfig(**SMALL, k=4)).attend(q, k, v, AttentionCall(0, 0.25, None, None))
+    assert (out - dense_attention(q, k, v, 0.25)).abs().max() > 1e-3
+
+
+def _inputs(batch=2, length=40, pad=7):
+    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[1, :pad], ids[1, :pad] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "mistral"])
+@pytest.mark.parametrize("method,options", [("hip", FULL), ("blocktopk", dict(k=64, block_size_q=8, block_size_k=4,
+                                                                              window=4, sink=2))])
+def test_model_with_full_budget_matches_dense(family, method, options):
+    model = make_model(family)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        with patched(model, method, **options):
+            logits = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[mask.bool()], reference[mask.bool()], **TOL)
+
+
+def test_dense_layers_option_keeps_leading_layers_exact(monkeypatch):
+    import hf_longattn.methods.hip as hip_module
+
+    seen = []
+    search = hip_module.hip_mask
+    monkeypatch.setattr(hip_module, "hip_mask", lambda q, key, **o: seen.append(q.shape) or search(q, key, **o))
+    model = make_model("llama")
+    with torch.no_grad(), patched(model, "hip", **SMALL, k=4, dense_layers=3):
+        model(_inputs()[0])
+    assert len(seen) == 1  # 4 layers, the first 3 dense
+
+
+# --- decode ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("refresh_interval", [1, 3])
+def test_generate_with_cache_and_full_budget_matches_dense(refresh_interval):
+    model = make_model("llama")
+    ids, mask = _inputs(length=24)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        reference = model.generate(ids, **kwargs)
+        with patched(model, "hip", **FULL, refresh_interval=refresh_interval):
+            out = model.generate(ids, **kwargs)
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), **TOL)
+
+
+def _count_searches(monkeypatch):
+    import hf_longattn.methods.hip as hip_module
+
+    calls = []
+    search = hip_module.hip_mask
+    monkeypatch.setattr(hip_module, "hip_mask", lambda q, key, **o: calls.append(q.shape[2]) or search(q, key, **o))
+    return calls
+
+
+def test_decode_searches_every_refresh_interval(monkeypatch):
+    calls = _count_searches(monkeypatch)
+    model = make_model("llama")
+    ids = _inputs(batch=1, length=40)[0]
+    with torch.no_grad(), patched(model, "hip", **SMALL, k=4, refresh_interval=4):
+        model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    # Per layer: the prefill, then decode steps 1..9 search at steps 1, 5, 9.
+    assert calls == [40] * 4 + [1] * 12
+
+
+def test_new_generate_starts_with_a_fresh_search(monkeypatch):
+    # A prompt shorter than one query block runs the decode path from its first call; without the reset the second
+    # generate() would reuse the first one's selection.
+    calls = _count_searches(monkeypatch)
+    model = make_model("llama")
+    with torch.no_grad(), patched(model, "hip", **SMALL, k=4, refresh_interval=8):
+        for seed in (1, 2):
+            ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(seed))
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert calls == [6] * 8
+
+
+def test_reused_selection_adds_the_blocks_that_left_the_window():
+    hip = Hip(HipConfig(**SMALL, k=4, refresh_interval=8))
+    state: dict = {}
+    q, k = _qk(q_len=1, k_len=41)
+    first = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
+    # Three steps later the window (4 tokens) has moved past keys 37..39: blocks 18 and 19 (block_size_k=2) were
+    # never candidates of the search at length 41 (its candidates end at block ceil((41 - 4) / 2) = 19).
+    q, k = _qk(q_len=1, k_len=44)
+    later = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
+    for h in range(2):
+        n = int(first.block_counts[0, h, 0])
+        assert later.block_indices[0, h, 0, : n + 1].tolist() == first.block_indices[0, h, 0, :n].tolist() + [19]
+        assert int(later.block_counts[0, h, 0]) == n + 1
+
+
+# --- blocktopk -------------------------------------------------------------------------------------------------------
+
+def test_blocktopk_picks_the_block_with_the_best_mean_key():
+    dim = 8
+    key = torch.zeros(1, 1, 64, dim)
+    key[0, 0, 20:24] = 1.0  # block 5 (block_size_k=4): mean key all ones
+    key[0, 0, 40] = 3.0  # one strong token in block 10: mean 0.75, below block 5's 1.0
+    query = torch.ones(1, 1, 8, dim)
+    method = BlockTopK(BlockTopKConfig(k=4, block_size_q=8, block_size_k=4, window=8, sink=0))
+    pattern = method.select(query, key, AttentionCall(0, 1.0, None, None))
+    assert pattern.block_indices[0, 0, 0, :1].tolist() == [5] and int(pattern.block_counts[0, 0, 0]) == 1
