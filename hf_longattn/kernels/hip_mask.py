@@ -126,8 +126,13 @@ def hip_mask_reference(
 def hip_mask_triton(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
+    launch: dict | None = None,
 ) -> SparsePattern:
-    """Same contract and result as `hip_mask_reference`, one Triton program per (batch, head, query block)."""
+    """Same contract and result as `hip_mask_reference`, one Triton program per (batch, head, query block).
+
+    ``launch`` overrides the launch settings for tuning: ``chunk`` (halves scored per tile), ``num_warps``,
+    ``num_stages``.
+    """
     _check_inputs(query, key, k, block_size_k)
     batch, num_q_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
@@ -145,6 +150,8 @@ def hip_mask_triton(
     sorted_keys = torch.empty(programs, halves, dtype=torch.int64, device=device)
     ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
+    settings = {"chunk": min(halves, max(16, 128 // bk_p2)), "num_warps": 8 if dim >= 128 else 4, "num_stages": 1}
+    settings.update(launch or {})
     if programs:
         from .hip_mask_kernel import hip_mask_kernel
 
@@ -154,8 +161,8 @@ def hip_mask_triton(
             PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
             STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k,
             BK_P2=bk_p2, DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, NSEL_P2=nsel_p2,
-            CHUNK=min(halves, max(16, 128 // bk_p2)),
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=8 if dim >= 128 else 4,
+            CHUNK=min(halves, settings["chunk"]), PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            num_warps=settings["num_warps"], num_stages=settings["num_stages"],
         )
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 
