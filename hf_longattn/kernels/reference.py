@@ -17,12 +17,13 @@ from .pattern import SparsePattern
 _MAX_SCORE_ELEMENTS = 1 << 25
 
 
-def _region_positions(pattern: SparsePattern, kv_start: torch.Tensor, block_first_q: torch.Tensor):
-    """Candidate key positions of the three regions, each [B|1, H|1, nQB|1, n] with its region id."""
+def _region_positions(pattern: SparsePattern, kv_start: torch.Tensor, block_first_q: torch.Tensor, k_len: int):
+    """Candidate key positions of the three regions, each [B|1, H|1, nQB|1, n]."""
     device = pattern.block_indices.device
-    sink = kv_start.view(-1, 1, 1, 1) + torch.arange(pattern.sink_tokens, device=device)
-    win_len = pattern.window_tokens + pattern.block_size_q - 1 if pattern.window_tokens > 0 else 0
-    window = (block_first_q - pattern.window_tokens + 1).view(1, 1, -1, 1) + torch.arange(win_len, device=device)
+    sink = kv_start.view(-1, 1, 1, 1) + torch.arange(min(pattern.sink_tokens, k_len), device=device)
+    window_len = min(pattern.window_tokens, k_len)
+    win_len = window_len + pattern.block_size_q - 1 if window_len > 0 else 0
+    window = (block_first_q - window_len + 1).view(1, 1, -1, 1) + torch.arange(win_len, device=device)
     offsets = torch.arange(pattern.block_size_k, device=device)
     selected = (pattern.block_indices.long().unsqueeze(-1) * pattern.block_size_k + offsets).flatten(-2)
     return sink, window, selected
@@ -68,8 +69,8 @@ def sparse_attention_reference(
     q_pos = qb_first.view(-1, 1) + torch.arange(bq, device=device)  # [nQB, bq]
     sink_end = (kv_start + pattern.sink_tokens).view(batch, 1, 1, 1, 1)
 
-    n_keys = pattern.sink_tokens + pattern.max_blocks * pattern.block_size_k
-    n_keys += pattern.window_tokens + bq - 1 if pattern.window_tokens > 0 else 0
+    n_keys = min(pattern.sink_tokens, k_len) + pattern.max_blocks * pattern.block_size_k
+    n_keys += min(pattern.window_tokens, k_len) + bq - 1 if pattern.window_tokens > 0 else 0
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * num_q_heads * bq * max(n_keys, 1)))
 
     out = torch.zeros(batch, heads, group, n_qb, bq, value.shape[-1], device=device)
@@ -80,7 +81,7 @@ def sparse_attention_reference(
             pattern.block_indices[:, :, c0:c1], pattern.block_counts[:, :, c0:c1], bq, pattern.block_size_k,
             pattern.sink_tokens, pattern.window_tokens,
         )
-        sink, window, selected = _region_positions(sub, kv_start, qb_first[c0:c1])
+        sink, window, selected = _region_positions(sub, kv_start, qb_first[c0:c1], k_len)
         nc = c1 - c0
         shape = (batch, heads, nc)
         positions = torch.cat([sink.expand(*shape, -1), selected.expand(*shape, -1), window.expand(*shape, -1)], -1)

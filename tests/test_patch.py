@@ -1,0 +1,179 @@
+"""The patcher and the exact paths: every family, prefill / generate with cache / left-padded batches."""
+
+import json
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_longattn
+from hf_longattn import ConfigError, UnsupportedModelError, patch_model, patched, unpatch_model
+from tiny_models import FAMILIES, make_model
+
+# Exact configurations: `dense`, and the sparse-pattern path with a window that covers the whole context.
+EXACT = [("dense", {}), ("streaming", {"sink": 0, "window": 1 << 20, "block_size_q": 16}),
+         ("streaming", {"sink": 4, "window": 1 << 20, "block_size_q": 8})]
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def _inputs(batch=2, length=40, pad=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    if batch > 1 and pad:
+        mask[1, :pad] = 0
+        ids[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,options", EXACT, ids=["dense", "pattern-full", "pattern-full-sink"])
+def test_prefill_logits_match_unpatched(family, method, options):
+    model = make_model(family)
+    ids, mask = _inputs()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        with patched(model, method, **options):
+            logits = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], reference[valid], **TOL)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,options", EXACT[:2], ids=["dense", "pattern-full"])
+def test_greedy_generate_with_cache_matches_unpatched(family, method, options):
+    model = make_model(family)
+    ids, mask = _inputs(length=24)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        reference = model.generate(ids, **kwargs)
+        with patched(model, method, **options):
+            out = model.generate(ids, **kwargs)
+    assert torch.equal(out.sequences, reference.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), **TOL)
+
+
+def test_chunked_prefill_queries_are_the_last_positions():
+    model = make_model("llama")
+    ids, _ = _inputs(batch=1, length=48, pad=0)
+    with torch.no_grad():
+        reference = model(ids).logits
+        patch_model(model, "streaming", sink=2, window=1 << 20, block_size_q=8)
+        first = model(ids[:, :30], use_cache=True)
+        second = model(ids[:, 30:], past_key_values=first.past_key_values).logits
+    torch.testing.assert_close(second, reference[:, 30:], **TOL)
+
+
+def test_sparse_pattern_is_used_and_differs_from_dense():
+    """A small window must change the output: proves the patched path really runs the sparse pattern."""
+    model = make_model("llama")
+    ids, mask = _inputs(batch=1, length=64, pad=0)
+    with torch.no_grad():
+        reference = model(ids).logits
+        with patched(model, "streaming", sink=0, window=8, block_size_q=8):
+            sparse = model(ids).logits
+    assert not torch.allclose(sparse[:, 8:], reference[:, 8:], atol=1e-3)
+    torch.testing.assert_close(sparse[:, :8], reference[:, :8], **TOL)  # inside the window: exact
+
+
+def test_layer_policy_dense_layers_and_min_seq_len():
+    model = make_model("llama")
+    ids, _ = _inputs(batch=1, length=64, pad=0)
+    with torch.no_grad():
+        reference = model(ids).logits
+        with patched(model, "streaming", sink=0, window=8, dense_layers=4):  # all 4 layers dense
+            torch.testing.assert_close(model(ids).logits, reference, **TOL)
+        with patched(model, "streaming", sink=0, window=8, dense_layers=[0, 1, 2, 3]):
+            torch.testing.assert_close(model(ids).logits, reference, **TOL)
+        with patched(model, "streaming", sink=0, window=8, min_seq_len=65):  # input shorter: dense
+            torch.testing.assert_close(model(ids).logits, reference, **TOL)
+        with patched(model, "streaming", sink=0, window=8, dense_layers=[0, 1, 2]):  # one sparse layer
+            assert not torch.allclose(model(ids).logits, reference, atol=1e-3)
+
+
+def test_sliding_window_layers_keep_their_window_by_default():
+    model = make_model("gemma2")  # alternating local (window 16) / global layers
+    ids, _ = _inputs(batch=1, length=48, pad=0)
+    with torch.no_grad():
+        reference = model(ids).logits
+        with patched(model, "streaming", sink=0, window=1 << 20):
+            torch.testing.assert_close(model(ids).logits, reference, **TOL)
+        with patched(model, "streaming", sink=0, window=1 << 20, keep_sliding_window=False):
+            # local layers now see the whole context: a different (context-extended) model
+            assert not torch.allclose(model(ids).logits, reference, atol=1e-3)
+
+
+def test_unpatch_restores_bit_identical_logits_and_implementation():
+    model = make_model("gemma2", attn_implementation="eager")
+    ids, mask = _inputs()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+        patch_model(model, "streaming", sink=0, window=4)
+        patch_model(model, "dense")  # patching twice replaces, it does not stack
+        assert model.config._attn_implementation == "longattn_dense"
+        unpatch_model(model)
+        after = model(ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, "hf_longattn_runner") for m in model.modules())
+    assert torch.equal(before, after)
+    unpatch_model(model)  # a no-op on an unpatched model
+
+
+def test_patched_context_restores_previous_patch():
+    model = make_model("llama")
+    patch_model(model, "streaming", window=32)
+    with patched(model, "dense"):
+        assert model.config._attn_implementation == "longattn_dense"
+    assert model.config._attn_implementation == "longattn_streaming"
+    runner = model.model.layers[0].self_attn.hf_longattn_runner
+    assert runner.config.window == 32
+
+
+def test_errors_are_clear():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="unknown method 'nope'.*available methods: .*dense"):
+        patch_model(model, "nope")
+    with pytest.raises(ConfigError, match="no option budgett.*options are: .*window"):
+        patch_model(model, "streaming", budgett=3)
+    with pytest.raises(ConfigError, match="window=0 must be a positive integer"):
+        patch_model(model, "streaming", window=0)
+    with pytest.raises(ConfigError, match="dense_layers"):
+        patch_model(model, "dense", dense_layers="all")
+    assert not hf_longattn.is_patched(model)  # a failed patch changes nothing
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="model_type 'gpt2'.*Supported: llama"):
+        patch_model(gpt2, "dense")
+
+
+def test_from_pretrained_with_registered_name_and_save_without_package(tmp_path):
+    model = make_model("mistral")
+    model.save_pretrained(tmp_path / "plain")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", attn_implementation="longattn_streaming")
+    assert loaded.config._attn_implementation == "longattn_streaming"
+    ids, _ = _inputs(batch=1, length=20, pad=0)
+    with torch.no_grad():
+        loaded(ids)  # runs with the method's defaults
+    patch_model(model, "streaming", window=8)
+    model.save_pretrained(tmp_path / "patched")
+    config = json.loads((tmp_path / "patched" / "config.json").read_text())
+    assert "longattn" not in json.dumps(config)  # loads anywhere, without hf_longattn installed
+
+
+def test_mask_the_kernel_cannot_honour_falls_back_to_dense_with_one_warning(caplog):
+    """A padding mask with a hole in the middle is not causal + window + left padding: exact dense, warned once."""
+    model = make_model("llama")
+    ids, _ = _inputs(batch=1, length=32, pad=0)
+    mask = torch.ones_like(ids)
+    mask[0, 10:14] = 0
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        with patched(model, "streaming", sink=0, window=4), caplog.at_level(logging.WARNING, "hf_longattn"):
+            logits = model(ids, attention_mask=mask).logits
+            model(ids, attention_mask=mask)
+    torch.testing.assert_close(logits[0, 14:], reference[0, 14:], **TOL)
+    warnings = [r for r in caplog.records if "more than causal" in r.getMessage()]
+    assert len({r.getMessage() for r in warnings}) == len(warnings) >= 1  # once per layer, not per call
