@@ -54,6 +54,23 @@ def _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM:
 
 
 @triton.jit
+def _key_range(
+    acc, m_i, l_i, q, k_base, v_base, start, stop, row_lo, row_hi, offs_n, offs_d, stride_kl, stride_vl, k_len,
+    score_scale, softcap_log2, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Attend to the contiguous keys [start, stop) in tiles; with MASKED, row r sees only keys in [row_lo, row_hi]."""
+    for tile_start in range(start, stop, BLOCK_N):
+        pos = tile_start + offs_n
+        k, v = _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM, D_PAD)
+        s = _scores(q, k, score_scale, softcap_log2, SOFTCAP, PRECISION)
+        if MASKED:
+            s = tl.where((pos[None, :] >= row_lo[:, None]) & (pos[None, :] <= row_hi[:, None]), s, float("-inf"))
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _sparse_prefill_kernel(
     Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
     stride_qb, stride_qh, stride_ql,
@@ -106,13 +123,10 @@ def _sparse_prefill_kernel(
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
 
     # 1. Sink: [kv_start, sink_end), causal. Small, always masked.
-    for start in range(kv_start, tl.minimum(sink_end, q_last + 1), BLOCK_N):
-        pos = start + offs_n
-        k, v = _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM, D_PAD)
-        s = _scores(q, k, score_scale, softcap_log2, SOFTCAP, PRECISION)
-        visible = (pos[None, :] < sink_end) & (pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+    acc, m_i, l_i = _key_range(
+        acc, m_i, l_i, q, k_base, v_base, kv_start, tl.minimum(sink_end, q_last + 1),
+        tl.zeros_like(q_pos) + kv_start, tl.minimum(q_pos, sink_end - 1), offs_n, offs_d, stride_kl, stride_vl, k_len, score_scale, softcap_log2,
+        HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
 
     # 2. Listed blocks, minus the sink and the window: key t is visible to the query at p iff sink_end <= t <= p - W.
     idx_row = BlockIdx + b.to(tl.int64) * stride_ib + ph * stride_ih + qblock * stride_iq
@@ -143,19 +157,26 @@ def _sparse_prefill_kernel(
             s = tl.where(visible, s, float("-inf"))
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
-    # 3. Window: [max(sink_end, p - W + 1), p]. Interior tiles (visible to every row) skip the mask.
+    # 3. Window: [max(sink_end, p - W + 1), p], walked in tiles from its lowest key. Only the first tiles (below
+    # some rows' windows) and the last ones (crossing the diagonal) need the mask: three loops, no branch inside.
     win_lo = tl.maximum(sink_end, q_first - window_tokens + 1)
-    win_hi = tl.where(window_tokens > 0, q_last, win_lo - 1)
-    full_lo = tl.maximum(sink_end, q_last - window_tokens + 1)
-    for start in range(win_lo, win_hi + 1, BLOCK_N):
-        pos = start + offs_n
-        k, v = _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM, D_PAD)
-        s = _scores(q, k, score_scale, softcap_log2, SOFTCAP, PRECISION)
-        if (start < full_lo) | (start + BLOCK_N - 1 > q_first):
-            lo = tl.maximum(sink_end, q_pos - window_tokens + 1)
-            visible = (pos[None, :] >= lo[:, None]) & (pos[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
+    win_stop = tl.where(window_tokens > 0, q_last + 1, win_lo)
+    full_lo = tl.maximum(sink_end, q_last - window_tokens + 1)  # a tile starting here or later is in every window...
+    first_full = win_lo + tl.cdiv(tl.maximum(full_lo - win_lo, 0), BLOCK_N) * BLOCK_N
+    span = q_first + 1 - first_full  # ...if it also ends at or before the first row's diagonal
+    end_full = first_full + tl.where(span >= BLOCK_N, span // BLOCK_N, 0) * BLOCK_N
+    first_full = tl.minimum(first_full, win_stop)
+    end_full = tl.minimum(end_full, win_stop)
+    row_lo = tl.maximum(sink_end, q_pos - window_tokens + 1)
+    acc, m_i, l_i = _key_range(
+        acc, m_i, l_i, q, k_base, v_base, win_lo, first_full, row_lo, q_pos, offs_n, offs_d, stride_kl, stride_vl,
+        k_len, score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
+    acc, m_i, l_i = _key_range(
+        acc, m_i, l_i, q, k_base, v_base, first_full, end_full, row_lo, q_pos, offs_n, offs_d, stride_kl, stride_vl,
+        k_len, score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, False)
+    acc, m_i, l_i = _key_range(
+        acc, m_i, l_i, q, k_base, v_base, end_full, win_stop, row_lo, q_pos, offs_n, offs_d, stride_kl, stride_vl,
+        k_len, score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
 
     # A query that saw no key (left padding) gets 0 and lse -inf.
     seen = l_i > 0.0
