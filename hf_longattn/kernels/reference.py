@@ -17,12 +17,12 @@ from .pattern import SparsePattern
 _MAX_SCORE_ELEMENTS = 1 << 25
 
 
-def _region_positions(pattern: SparsePattern, kv_start: torch.Tensor, block_first_q: torch.Tensor, k_len: int):
+def _region_positions(pattern: SparsePattern, kv_start: torch.Tensor, block_first_q: torch.Tensor, rows: int, k_len: int):
     """Candidate key positions of the three regions, each [B|1, H|1, nQB|1, n]."""
     device = pattern.block_indices.device
     sink = kv_start.view(-1, 1, 1, 1) + torch.arange(min(pattern.sink_tokens, k_len), device=device)
     window_len = min(pattern.window_tokens, k_len)
-    win_len = window_len + pattern.block_size_q - 1 if window_len > 0 else 0
+    win_len = window_len + rows - 1 if window_len > 0 else 0
     window = (block_first_q - window_len + 1).view(1, 1, -1, 1) + torch.arange(win_len, device=device)
     offsets = torch.arange(pattern.block_size_k, device=device)
     selected = (pattern.block_indices.long().unsqueeze(-1) * pattern.block_size_k + offsets).flatten(-2)
@@ -57,7 +57,8 @@ def sparse_attention_reference(
     group = num_q_heads // heads  # query heads served by one pattern head
     kv_group = num_q_heads // num_kv_heads
     kv_head_of = torch.arange(heads, device=device) * group // kv_group  # kv head of each pattern head
-    bq, n_qb = pattern.block_size_q, pattern.num_query_blocks
+    n_qb = pattern.num_query_blocks
+    bq = pattern.block_size_q if n_qb > 1 else q_len  # a single (e.g. decode) block needs no padded rows
 
     q = query.float()
     q = torch.nn.functional.pad(q, (0, 0, 0, n_qb * bq - q_len)).view(batch, heads, group, n_qb, bq, head_dim)
@@ -78,33 +79,24 @@ def sparse_attention_reference(
     for c0 in range(0, n_qb, chunk):
         c1 = min(n_qb, c0 + chunk)
         sub = SparsePattern(
-            pattern.block_indices[:, :, c0:c1], pattern.block_counts[:, :, c0:c1], bq, pattern.block_size_k,
+            pattern.block_indices[:, :, c0:c1], pattern.block_counts[:, :, c0:c1], pattern.block_size_q, pattern.block_size_k,
             pattern.sink_tokens, pattern.window_tokens,
         )
-        sink, window, selected = _region_positions(sub, kv_start, qb_first[c0:c1], k_len)
+        sink, window, selected = _region_positions(sub, kv_start, qb_first[c0:c1], bq, k_len)
         nc = c1 - c0
         shape = (batch, heads, nc)
         positions = torch.cat([sink.expand(*shape, -1), selected.expand(*shape, -1), window.expand(*shape, -1)], -1)
-        region = torch.cat([
-            torch.zeros(sink.shape[-1], dtype=torch.long, device=device),
-            torch.ones(selected.shape[-1], dtype=torch.long, device=device),
-            torch.full((window.shape[-1],), 2, dtype=torch.long, device=device),
-        ])
-        slot = torch.arange(pattern.max_blocks, device=device).repeat_interleave(pattern.block_size_k)
-        live = torch.cat([
-            torch.ones(*shape, sink.shape[-1], dtype=torch.bool, device=device),
-            (slot < sub.block_counts.unsqueeze(-1)),
-            torch.ones(*shape, window.shape[-1], dtype=torch.bool, device=device),
-        ], -1)
 
-        # Per-token membership, [B, H, nc, bq, n]: the three regions partition the visible keys.
-        kp = positions.unsqueeze(-2)
+        # Per-token membership of each region, broadcast over as few dims as it depends on; the three regions
+        # partition the visible keys (causality also bounds them by the key length).
         qp = q_pos[c0:c1].view(1, 1, nc, bq, 1)
-        in_sink = (kp < sink_end) & (region == 0)
-        in_window = (kp > qp - pattern.window_tokens) & (kp >= sink_end) & (region == 2)
-        in_selected = (kp <= qp - pattern.window_tokens) & (kp >= sink_end) & (region == 1)
-        visible = (in_sink | in_window | in_selected) & live.unsqueeze(-2) & (kp <= qp) & (kp >= 0) & (kp < k_len)
-        visible &= kp >= kv_start.view(batch, 1, 1, 1, 1)
+        sink_kp, sel_kp, win_kp = sink.unsqueeze(-2), selected.unsqueeze(-2), window.unsqueeze(-2)
+        vis_sink = sink_kp <= qp
+        live = torch.arange(pattern.max_blocks, device=device).repeat_interleave(pattern.block_size_k)
+        live = (live < sub.block_counts.unsqueeze(-1)).unsqueeze(-2)
+        vis_sel = live & (sel_kp <= qp - pattern.window_tokens) & (sel_kp <= qp) & (sel_kp >= sink_end)
+        vis_win = (win_kp > qp - pattern.window_tokens) & (win_kp <= qp) & (win_kp >= sink_end)
+        visible = torch.cat([v.expand(*shape, bq, -1) for v in (vis_sink, vis_sel, vis_win)], -1)
 
         flat_idx = (base + positions.clamp(0, k_len - 1)).reshape(-1)
         keys = k_flat.index_select(0, flat_idx).view(*shape, -1, head_dim)
@@ -113,10 +105,13 @@ def sparse_attention_reference(
         scores = torch.einsum("bhgqtd,bhqnd->bhgqtn", q[:, :, :, c0:c1], keys) * scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
-        scores = scores.masked_fill(~visible.unsqueeze(2), -math.inf)
-        chunk_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - chunk_lse.unsqueeze(-1).clamp_min(-1e30)).nan_to_num(0.0)
-        out[:, :, :, c0:c1] = torch.einsum("bhgqtn,bhqnd->bhgqtd", probs, values)
+        scores.masked_fill_(~visible.unsqueeze(2), -math.inf)
+        row_max = scores.amax(-1, keepdim=True).clamp_min(-1e30)  # finite even for a query that sees no key
+        probs = scores.sub_(row_max).exp_()
+        denom = probs.sum(-1, keepdim=True)
+        pv = torch.einsum("bhgqtn,bhqnd->bhgqtd", probs, values)
+        out[:, :, :, c0:c1] = pv / denom.clamp_min(1e-30)  # zero where nothing is visible
+        chunk_lse = (row_max + denom.log()).squeeze(-1)
         lse[:, :, :, c0:c1] = chunk_lse
 
     out = out.view(batch, num_q_heads, n_qb * bq, -1)[:, :, :q_len].transpose(1, 2).to(query.dtype)
