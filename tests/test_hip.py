@@ -113,6 +113,7 @@ KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
     (1, 4, 2, 33, 60, 16, dict(k=6, block_size_q=8, block_size_k=3, query_stride=2, sink=1, window=0,
                                shared_kv_heads=False)),  # odd block size, no window, per query head
     (1, 2, 1, 64, 64, 32, dict(k=16, block_size_q=16, block_size_k=4, query_stride=3, sink=4, window=8)),
+    (1, 2, 2, 24, 30, 8, dict(k=3, block_size_q=4, block_size_k=1, query_stride=1, sink=0, window=2)),
 ]
 
 
@@ -126,7 +127,7 @@ def _compare_kernel(case, device):
     assert torch.equal(got.block_indices.cpu(), expected.block_indices)
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=["prefill", "decode-padded", "per-head-odd", "stride3"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks"])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU")
 def test_triton_kernel_matches_reference_interpreted(case):
     _compare_kernel(case, "cpu")

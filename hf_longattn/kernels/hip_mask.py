@@ -140,7 +140,8 @@ def hip_mask_triton(
     n_sel, device = k // block_size_k, query.device
     n_qb = -(-q_len // block_size_q)
     nq = -(-block_size_q // query_stride)
-    nsel_p2, bk_p2 = _next_power_of_2(n_sel), _next_power_of_2(block_size_k)
+    # At least 8 groups (16 halves): a score tile must be >= 16 keys wide for tl.dot.
+    nsel_p2, bk_p2 = max(8, _next_power_of_2(n_sel)), _next_power_of_2(block_size_k)
     halves = 2 * nsel_p2
     if kv_start is None:
         kv_start = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -150,7 +151,8 @@ def hip_mask_triton(
     sorted_keys = torch.empty(programs, halves, dtype=torch.int64, device=device)
     ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
-    settings = {"chunk": min(halves, max(16, 128 // bk_p2)), "num_warps": 8 if dim >= 128 else 4, "num_stages": 1}
+    # Measured on an H200 at 128K (benchmarks/results/hip_bench.md): 64 keys per tile and 4 warps were fastest.
+    settings = {"chunk": max(16, 64 // bk_p2), "num_warps": 4, "num_stages": 1}
     settings.update(launch or {})
     if programs:
         from .hip_mask_kernel import hip_mask_kernel
