@@ -102,6 +102,11 @@ _NOUNS = ["apple", "bridge", "candle", "desert", "engine", "falcon", "garden", "
           "umbrella", "valley", "window", "yacht", "zipper"]
 
 
+def random_keys(rng: random.Random, count: int) -> list[str]:
+    """`count` distinct adjective-noun keys, e.g. "quiet-harbor"."""
+    return rng.sample([f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS], count)
+
+
 def make_needle(kind: str, rng: random.Random) -> Needle:
     """A fresh needle of `kind` ("passkey", "sanfrancisco", "multikey:N"), its random parts drawn from `rng`."""
     if kind == "passkey":
@@ -127,7 +132,7 @@ def make_needle(kind: str, rng: random.Random) -> Needle:
         count = int(kind.partition(":")[2] or 4)
         if not 1 <= count <= 10:
             raise ValueError(f"needle '{kind}': the number of keys must be between 1 and 10")
-        keys = rng.sample([f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS], count)
+        keys = random_keys(rng, count)
         values = [_random_number(rng) for _ in keys]
         return Needle(
             sentences=[f"The special magic number for {k} is: {v}." for k, v in zip(keys, values)],
