@@ -177,3 +177,20 @@ def test_mask_the_kernel_cannot_honour_falls_back_to_dense_with_one_warning(capl
     torch.testing.assert_close(logits[0, 14:], reference[0, 14:], **TOL)
     warnings = [r for r in caplog.records if "more than causal" in r.getMessage()]
     assert len({r.getMessage() for r in warnings}) == len(warnings) >= 1  # once per layer, not per call
+
+
+def test_accelerate_offloaded_model_patches_and_matches(tmp_path):
+    """Serving with accelerate: layers offloaded to disk (device_map) still run the patched attention exactly."""
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    ids, _ = _inputs(batch=1, length=40, pad=0)
+    with torch.no_grad():
+        reference = model(ids).logits
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
+                  "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload", attn_implementation="eager")
+    patch_model(offloaded, "streaming", sink=0, window=1 << 20)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, reference, **TOL)
