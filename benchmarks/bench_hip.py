@@ -61,7 +61,8 @@ def prefill(context: int, presets: list[str], launch: dict | None) -> dict:
         pattern = hip_mask_triton(q, k, **options, launch=launch)
         mask = bench_ms(lambda: hip_mask_triton(q, k, **options, launch=launch))
         attend = bench_ms(lambda: sparse_attention(q, k, v, pattern, scale=scale))
-        total = bench_ms(lambda: sparse_attention(q, k, v, hip_mask_triton(q, k, **options, launch=launch), scale=scale))
+        total = bench_ms(
+            lambda: sparse_attention(q, k, v, hip_mask_triton(q, k, **options, launch=launch), scale=scale))
         row["hip"][preset] = {
             "options": options, "mask_ms": mask, "attention_ms": attend, "total_ms": total,
             "speedup_vs_cudnn": dense / total, "mask_share": mask / total,

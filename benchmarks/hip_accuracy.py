@@ -132,7 +132,8 @@ def markdown(report: dict) -> str:
              "|---|---|" + "---|" * (len(lengths) + 1)]
     for name, r in results.items():
         cells = [f"{100 * r['lengths'][n]['accuracy']:.0f}%" for n in lengths]
-        recalls = [v for n in lengths for layer in r["lengths"][n].get("recall_per_layer_head", {}).values() for v in layer]
+        per_layer = [r["lengths"][n].get("recall_per_layer_head", {}) for n in lengths]
+        recalls = [v for table in per_layer for layer in table.values() for v in layer]
         mean_recall = f"{sum(recalls) / len(recalls):.3f}" if recalls else "1 (exact)"
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "exact"
         lines.append(f"| {name} | {options} | " + " | ".join(cells) + f" | {mean_recall} |")
@@ -165,7 +166,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.budget < 16 + 64 + 16:
-        parser.error(f"--budget {args.budget} is too small: it must hold a 16-token sink, one 64-token block and a window")
+        parser.error(f"--budget {args.budget} is too small: it must hold a 16-token sink, a 64-token block, a window")
     all_methods = method_options(args.budget, args.dense_layers)
     unknown = sorted(set(args.methods) - set(all_methods))
     if unknown:

@@ -83,7 +83,8 @@ def _peaked_keys(k_len, dim, peak, width=3.0):
 def test_search_finds_the_exact_top_blocks_on_a_smooth_score_landscape(peak):
     # Attention locality (neighbouring keys score alike) is HiP's premise; under it the search must be exact.
     k_len, dim, n_sel, bk = 256, 8, 4, 2
-    key = _peaked_keys(k_len, dim, peak) + 1e-3 * torch.randn(1, 1, k_len, dim, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 1, k_len, dim, generator=torch.Generator().manual_seed(1))
+    key = _peaked_keys(k_len, dim, peak) + 1e-3 * noise
     query = torch.ones(1, 1, 8, dim)
     pattern = hip_mask_reference(query, key, k=n_sel * bk, block_size_q=8, block_size_k=bk, query_stride=1,
                                  sink=0, window=8)
@@ -115,6 +116,7 @@ KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
     (1, 2, 1, 64, 64, 32, dict(k=16, block_size_q=16, block_size_k=4, query_stride=3, sink=4, window=8)),
     (1, 2, 2, 24, 30, 8, dict(k=3, block_size_q=4, block_size_k=1, query_stride=1, sink=0, window=2)),
 ]
+KERNEL_IDS = ["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks"]
 
 
 def _compare_kernel(case, device):
@@ -127,7 +129,7 @@ def _compare_kernel(case, device):
     assert torch.equal(got.block_indices.cpu(), expected.block_indices)
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=KERNEL_IDS)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs where there is no GPU")
 def test_triton_kernel_matches_reference_interpreted(case):
     _compare_kernel(case, "cpu")
@@ -143,18 +145,15 @@ def test_triton_kernel_matches_reference_on_gpu(case):
 
 # --- exactness ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["hip", "blocktopk"])
-@pytest.mark.parametrize("shared", [True, False])
-def test_attention_with_full_budget_is_dense(method, shared):
+@pytest.mark.parametrize("instance", [
+    Hip(HipConfig(**FULL, shared_kv_heads=True)),
+    Hip(HipConfig(**FULL, shared_kv_heads=False)),
+    BlockTopK(BlockTopKConfig(k=64, block_size_q=8, block_size_k=4, window=4, sink=2)),
+], ids=["hip-shared", "hip-per-head", "blocktopk"])
+def test_attention_with_full_budget_is_dense(instance):
     q, k = _qk(batch=2, q_len=40, k_len=56)
     v = torch.randn_like(k)
     kv_start = torch.tensor([0, 11])
-    if method == "hip":
-        instance = Hip(HipConfig(**FULL, shared_kv_heads=shared))
-    else:
-        if not shared:
-            pytest.skip("blocktopk always shares its selection per kv head")
-        instance = BlockTopK(BlockTopKConfig(k=64, block_size_q=8, block_size_k=4, window=4, sink=2))
     call = AttentionCall(0, 0.3, 20.0, kv_start)
     out = instance.attend(q, k, v, call)
     torch.testing.assert_close(out, dense_attention(q, k, v, 0.3, 20.0, kv_start=kv_start), **TOL)

@@ -9,7 +9,8 @@ selection. Work per query block is O(n x iterations), never O(Lk); no Lq x Lk te
 
 `hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs the whole search for one
 (batch, head, query block) in one Triton program (hip_mask_kernel.py, imported on first use so that importing the
-package does not import Triton and tests can still choose TRITON_INTERPRET=1). Both break score ties towards the lower half index, so they agree
+package does not import Triton and tests can still choose TRITON_INTERPRET=1). Both break score ties towards the
+lower half index, so they agree
 exactly up to float rounding. `hip_mask` dispatches: Triton on CUDA, the reference elsewhere.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .ops import HAS_TRITON
 from .pattern import SparsePattern, query_block_ranges
 
 # Score of a (query, key) pair that causality hides: finite, so that a half that only such pairs reach still ranks
@@ -108,7 +110,8 @@ def hip_mask_reference(
             k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, 2n * bk]
             k_vec = torch.gather(keys, 2, k_pos.clamp(max=k_len - 1).flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim))
             s = torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim))
-            visible = (k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)) & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
+            causal = k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)
+            visible = causal & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
             s = s.masked_fill(~visible, _HIDDEN).amax(-2)
             scores[:, :, c] = s.view(*rep.shape, block_size_k).amax(-1)
         scores = scores.masked_fill(half_end <= half_start, -torch.inf)
@@ -170,7 +173,8 @@ def hip_mask_triton(
 
 
 def hip_mask(query: torch.Tensor, key: torch.Tensor, **options) -> SparsePattern:
-    """HiP's top-k key-block selection: the Triton kernel on CUDA tensors, the PyTorch reference elsewhere."""
-    if query.is_cuda:
+    """HiP's top-k key-block selection: the Triton kernel on CUDA tensors (when Triton is installed), the PyTorch
+    reference elsewhere."""
+    if query.is_cuda and HAS_TRITON:
         return hip_mask_triton(query, key, **options)
     return hip_mask_reference(query, key, **options)
