@@ -194,3 +194,19 @@ def test_accelerate_offloaded_model_patches_and_matches(tmp_path):
     patch_model(offloaded, "streaming", sink=0, window=1 << 20)
     with torch.no_grad():
         torch.testing.assert_close(offloaded(ids).logits, reference, **TOL)
+
+
+def test_patched_model_runs_under_torch_compile():
+    model = make_model("llama")
+    ids, _ = _inputs(batch=1, length=40, pad=0)
+    patch_model(model, "streaming", sink=4, window=16, block_size_q=16)
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model)(ids).logits
+    torch.testing.assert_close(compiled, eager, **TOL)
+    assert not torch.allclose(compiled, patched_reference_dense(model, ids), atol=1e-3)  # the sparse path ran
+
+
+def patched_reference_dense(model, ids):
+    with patched(model, "dense"), torch.no_grad():
+        return model(ids).logits
