@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_longattn.kernels import SparsePattern, sparse_attention, window_pattern
+from hf_longattn.kernels.triton_prefill import default_prefill_config
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 128
 SINK = 128
@@ -31,7 +32,6 @@ SWEEP = [  # prefill tile configs tried at 128K (BLOCK_M = stacked rows of the G
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
 ]
 
 
@@ -235,7 +235,8 @@ def decode_rows(args, device, results, save):
 def markdown(results) -> str:
     lines = [f"# Sparse attention kernels, {results['machine']['gpu']}", "", f"Command: `{results['command']}`", "",
              f"torch {results['machine']['torch']}, triton {results['machine']['triton']}. Single layer, 32 query heads, "
-             "8 kv heads, head_dim 128, bf16, batch 1. Times in ms (decode in us).", "",
+             "8 kv heads, head_dim 128, bf16, batch 1. Times in ms (decode in us). Prefill tiles: "
+             f"{results.get('prefill_config')}.", "",
              "## Prefill", "",
              "| context | budget | density | pattern | ours | FlexAttention | cuDNN dense | flash dense | vs Flex | vs cuDNN "
              "| ours TFLOP/s (computed / useful) | Flex TFLOP/s (computed) | cuDNN TFLOP/s | ours/cuDNN TFLOP/s |",
@@ -296,6 +297,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--contexts", default="8192,32768,131072")
     parser.add_argument("--parts", default="prefill,decode,sweep")
+    parser.add_argument("--name", default="kernels_h200", help="file stem of the results")
     args = parser.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
     if not torch.cuda.is_available():
@@ -308,11 +310,12 @@ def main():
     results = {"command": "python " + " ".join(sys.argv),
                "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                            "python": platform.python_version()},
+               "prefill_config": default_prefill_config(HEAD_DIM),
                "dense": [], "prefill": [], "decode": [], "sweep": []}
 
     def save():
-        (out / "kernels_h200.json").write_text(json.dumps(results, indent=1))
-        (out / "kernels_h200.md").write_text(markdown(results))
+        (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+        (out / f"{args.name}.md").write_text(markdown(results))
 
     parts = args.parts.split(",")
     if "prefill" in parts:
@@ -322,7 +325,7 @@ def main():
     if "sweep" in parts:
         sweep_rows(args, device, results, save)
     save()
-    plot(results, out / "kernels_h200.png")
+    plot(results, out / f"{args.name}.png")
     print(markdown(results))
 
 

@@ -8,6 +8,7 @@ test can set TRITON_INTERPRET=1 before Triton compiles anything.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -49,20 +50,27 @@ def check_inputs(query, key, value, pattern: SparsePattern, kv_start) -> None:
     pattern.validate(batch, num_q_heads, key.shape[1], q_len)
 
 
-def _triton_attention(query, key, value, pattern, scale, softcap, kv_start):
-    from .triton_decode import sparse_decode, use_decode
-    from .triton_prefill import sparse_prefill
+@functools.cache
+def _triton_kernels():
+    from . import triton_decode, triton_prefill
 
+    return triton_prefill, triton_decode
+
+
+def _triton_attention(query, key, value, pattern, scale, softcap, kv_start):
+    prefill, decode = _triton_kernels()
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {query.dtype}")
     # Kernels index with strides but need each head's vectors contiguous.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     key, value = key.to(query.dtype), value.to(query.dtype)
-    pattern = SparsePattern(
-        pattern.block_indices.to(torch.int32).contiguous(), pattern.block_counts.to(torch.int32).contiguous(),
-        pattern.block_size_q, pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens,
-    )
-    run = sparse_decode if use_decode(pattern, query.shape[2]) else sparse_prefill
+    indices, counts = pattern.block_indices, pattern.block_counts
+    if indices.dtype != torch.int32 or counts.dtype != torch.int32 or not (indices.is_contiguous() and counts.is_contiguous()):
+        pattern = SparsePattern(
+            indices.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(), pattern.block_size_q,
+            pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens,
+        )
+    run = decode.sparse_decode if decode.use_decode(pattern, query.shape[2]) else prefill.sparse_prefill
     return run(query, key, value, pattern, scale, softcap, kv_start)
 
 

@@ -189,10 +189,12 @@ def _sparse_prefill_kernel(
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-def default_prefill_config(head_dim: int, group: int) -> dict:
+def default_prefill_config(head_dim: int, element_size: int = 2) -> dict:
     """Tile sizes for the H200 (BLOCK_M counts stacked rows: group heads x queries)."""
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim <= 128 and element_size <= 2:  # best of a sweep at 128K (benchmarks/results/kernels_h200_sweep.md)
+        return dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=3)
     if head_dim <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -205,7 +207,7 @@ def sparse_prefill(query, key, value, pattern, scale: float, softcap: float | No
     heads = pattern.num_heads
     group = num_q_heads // heads
     g_pad = triton.next_power_of_2(group)
-    cfg = dict(default_prefill_config(head_dim, g_pad), **(config or {}))
+    cfg = dict(default_prefill_config(head_dim, query.element_size()), **(config or {}))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     # Rows per tile: fill BLOCK_M with the group's heads, but never more rows than a query block has.
     rows = triton.next_power_of_2(min(pattern.block_size_q, q_len))
