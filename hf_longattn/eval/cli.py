@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return lm_eval_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2
@@ -192,7 +193,7 @@ def run_niah_command(args) -> int:
         seed=args.seed, batch_size=args.batch_size, chat_template=chat, model_name=args.model,
         progress=not args.quiet, max_position_embeddings=limit,
     )
-    command = "hf-longattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    command = "hf-longattn " + " ".join(shlex.quote(a) for a in args.argv)
     paths = save_report(results, args.out, command=command)
     print(Path(paths["summary"]).read_text())
     print(f"results in {args.out}")
