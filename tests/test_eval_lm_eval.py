@@ -38,7 +38,8 @@ def test_cli_runs_ruler_niah_with_the_registered_model(tmp_path):
     lm_eval_main([
         "run", "--model", "hf-longattn", "--model_args", "pretrained=smollm2,method=streaming,window=512,sink=4,dtype=float32",
         "--tasks", "longattn_ruler_niah_single_repeat", "--metadata", json.dumps(SMALL), "--limit", "1",
-        "--gen_kwargs", "max_gen_toks=10", "--device", "cpu", "--batch_size", "1", "--apply_chat_template", "--output_path", str(tmp_path),
+        "--gen_kwargs", "max_gen_toks=10", "--device", "cpu", "--batch_size", "1", "--apply_chat_template",
+        "--output_path", str(tmp_path),
     ])
     [result_file] = list(tmp_path.rglob("results_*.json"))
     results = json.loads(result_file.read_text())
