@@ -188,14 +188,14 @@ def run_niah_command(args) -> int:
     model, tokenizer = load_model(path, gguf_file=gguf_file, dtype=getattr(torch, dtype))
     model.to(device)
     chat = {"auto": None, "yes": True, "no": False}[args.chat_template]
+    command = "hf-longattn " + " ".join(shlex.quote(a) for a in args.argv)
     results = run_niah(
         model, tokenizer, method_args, lengths, depths, args.samples, needle=args.needle, haystack=args.haystack,
         seed=args.seed, batch_size=args.batch_size, chat_template=chat, model_name=args.model,
         progress=not args.quiet, max_position_embeddings=limit,
+        on_result=lambda done: save_report(done, args.out, command=command),  # finished methods survive a later crash
     )
-    command = "hf-longattn " + " ".join(shlex.quote(a) for a in args.argv)
-    paths = save_report(results, args.out, command=command)
-    print(Path(paths["summary"]).read_text())
+    print((Path(args.out) / "niah_summary.md").read_text())
     print(f"results in {args.out}")
     return 0
 

@@ -182,8 +182,11 @@ def run_method(model, tokenizer, samples: list[Sample], method: str, options: di
 def run_niah(model, tokenizer, methods: dict[str, dict], lengths: list[int], depths: int | list[float] = 11,
              samples_per_cell: int = 1, needle: str = "passkey", haystack: str = "essays", seed: int = 0,
              batch_size: int = 1, chat_template: bool | None = None, model_name: str = "", progress: bool = True,
-             max_position_embeddings: int | None = None) -> list[dict]:
-    """Run the grid for every method (name -> options) on the same samples; one result dict per method."""
+             max_position_embeddings: int | None = None, on_result=None) -> list[dict]:
+    """Run the grid for every method (name -> options) on the same samples; one result dict per method.
+
+    `on_result(results_so_far)` is called after each method, e.g. to write files before a later method runs.
+    """
     from tqdm.auto import tqdm
 
     depths = depth_grid(depths)
@@ -192,6 +195,7 @@ def run_niah(model, tokenizer, methods: dict[str, dict], lengths: list[int], dep
         "model": model_name, "lengths": lengths, "depths": depths, "samples_per_cell": samples_per_cell,
         "needle": needle, "haystack": haystack, "seed": seed, "chat_template": _uses_chat_template(tokenizer, chat_template),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "machine": _machine(next(model.parameters()).device),
         "max_position_embeddings": max_position_embeddings,
         "extrapolated_lengths": [n for n in lengths if max_position_embeddings and n > max_position_embeddings],
     }
@@ -201,7 +205,18 @@ def run_niah(model, tokenizer, methods: dict[str, dict], lengths: list[int], dep
             bar.set_postfix_str(method)
             result = run_method(model, tokenizer, samples, method, options, batch_size, bar)
             results.append({**settings, **result, **summarize(result["samples"], lengths, depths)})
+            if on_result is not None:
+                on_result(results)
     return results
+
+
+def _machine(device: torch.device) -> dict:
+    import platform
+
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"device": str(device), "name": name, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _uses_chat_template(tokenizer, chat_template: bool | None) -> bool:
