@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     niah = commands.add_parser("niah", help="needle-in-a-haystack grid: heatmaps, JSON, a table against dense")
     niah.add_argument("--model", required=True, help="'smollm2' (bundled), a local folder or .gguf file, or a hub id")
     niah.add_argument("--gguf-file", help="GGUF file name inside --model (a folder or hub repo)")
+    niah.add_argument("--model-name", help="name shown in tables and plots (default: --model)")
     niah.add_argument("--methods", default="dense", help="comma-separated, from: " + ", ".join(_available()))
     niah.add_argument("--method-args", help='per-method options: \'{"hip": {"budget": 2048}}\' or hip.budget=2048,...')
     niah.add_argument("--lengths", default="1k,2k,4k", help="context lengths in the model's tokens, e.g. 1k,2k,4096")
@@ -191,7 +192,7 @@ def run_niah_command(args) -> int:
     command = "hf-longattn " + " ".join(shlex.quote(a) for a in args.argv)
     results = run_niah(
         model, tokenizer, method_args, lengths, depths, args.samples, needle=args.needle, haystack=args.haystack,
-        seed=args.seed, batch_size=args.batch_size, chat_template=chat, model_name=args.model,
+        seed=args.seed, batch_size=args.batch_size, chat_template=chat, model_name=args.model_name or args.model,
         progress=not args.quiet, max_position_embeddings=limit,
         on_result=lambda done: save_report(done, args.out, command=command),  # finished methods survive a later crash
     )
