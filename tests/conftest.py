@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run under Triton's interpreter. The switch is read when triton.language is first
+# imported, and other tests (torch.compile, lm-eval) import it early, so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
