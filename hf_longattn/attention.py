@@ -16,6 +16,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from .config import MethodConfig
 from .kernels import dense_attention
+from .kernels.dense import visibility_mask
 from .methods import AttentionCall, SparseMethod, get_method
 
 logger = logging.getLogger("hf_longattn")
@@ -86,18 +87,9 @@ def _read_mask(attention_mask, q_len: int, k_len: int, sliding_window: int | Non
     last_real = torch.where(valid.any(1), k_len - 1 - valid.flip(1).float().argmax(1), -1)
     contiguous = valid == ((positions >= kv_start[:, None]) & (positions <= last_real[:, None]))
     if not bool(contiguous.all()):
-        mask = valid[:, None, None, :] & _causal(q_len, k_len, sliding_window, valid.device)
+        mask = valid[:, None, None, :] & visibility_mask(q_len, k_len, None, sliding_window, valid.device)
         return mask, None
     return None, (kv_start if bool((kv_start > 0).any()) else None)
-
-
-def _causal(q_len: int, k_len: int, window: int | None, device) -> torch.Tensor:
-    q_pos = torch.arange(q_len, device=device).view(-1, 1) + (k_len - q_len)
-    k_pos = torch.arange(k_len, device=device).view(1, -1)
-    mask = k_pos <= q_pos
-    if window:
-        mask &= k_pos > q_pos - window
-    return mask
 
 
 def _is_causal_or_sliding(mask_function) -> bool:

@@ -18,10 +18,8 @@ _MAX_SCORE_ELEMENTS = 1 << 26
 
 def visibility_mask(
     q_len: int, k_len: int, kv_start: torch.Tensor | None, window: int | None, device, q_rows: slice | None = None
-) -> torch.Tensor | None:
-    """Boolean [B|1, 1, Lq, Lk] mask of what each query may see, or None when SDPA's own causal flag suffices."""
-    if kv_start is None and not window and q_len in (1, k_len) and q_rows is None:
-        return None
+) -> torch.Tensor:
+    """Boolean [B|1, 1, Lq, Lk] mask of what each query may see (causal, window, first valid key)."""
     rows = range(q_len)[q_rows] if q_rows is not None else range(q_len)
     q_pos = torch.arange(rows.start, rows.stop, device=device).view(-1, 1) + (k_len - q_len)
     k_pos = torch.arange(k_len, device=device).view(1, -1)
@@ -56,8 +54,10 @@ def dense_attention(
         return _softcapped_attention(query, key, value, scale, softcap, kv_start, window, mask, causal)
     is_causal = False
     if mask is None and causal:
-        mask = visibility_mask(q_len, k_len, kv_start, window, query.device)
-        is_causal = mask is None and q_len > 1
+        if kv_start is None and not window and q_len in (1, k_len):
+            is_causal = q_len > 1  # SDPA's own causal flag suffices: no mask to build
+        else:
+            mask = visibility_mask(q_len, k_len, kv_start, window, query.device)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale,
         enable_gqa=query.shape[1] != key.shape[1],
