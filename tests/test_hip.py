@@ -15,7 +15,7 @@ from hf_longattn.kernels.hip_mask import candidate_block_range, hip_mask_referen
 from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.blocktopk import BlockTopK, BlockTopKConfig
 from hf_longattn.methods.hip import HIP_PRESETS, Hip, HipConfig
-from tiny_models import make_model
+from tiny_models import make_model, random_batch
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 # Tiny blocks so that short test inputs have many candidates; "full" covers every test context (<= 128 keys).
@@ -167,20 +167,12 @@ def test_attention_with_small_budget_is_not_dense():
     assert (out - dense_attention(q, k, v, 0.25)).abs().max() > 1e-3
 
 
-def _inputs(batch=2, length=40, pad=7):
-    ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[1, :pad], ids[1, :pad] = 0, 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text", "mistral"])
 @pytest.mark.parametrize("method,options", [("hip", FULL), ("blocktopk", dict(k=64, block_size_q=8, block_size_k=4,
                                                                               window=4, sink=2))])
 def test_model_with_full_budget_matches_dense(family, method, options):
     model = make_model(family)
-    ids, mask = _inputs()
+    ids, mask = random_batch()
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits
         with patched(model, method, **options):
@@ -196,7 +188,7 @@ def test_dense_layers_option_keeps_leading_layers_exact(monkeypatch):
     monkeypatch.setattr(hip_module, "hip_mask", lambda q, key, **o: seen.append(q.shape) or search(q, key, **o))
     model = make_model("llama")
     with torch.no_grad(), patched(model, "hip", **SMALL, k=4, dense_layers=3):
-        model(_inputs()[0])
+        model(random_batch()[0])
     assert len(seen) == 1  # 4 layers, the first 3 dense
 
 
@@ -205,7 +197,7 @@ def test_dense_layers_option_keeps_leading_layers_exact(monkeypatch):
 @pytest.mark.parametrize("refresh_interval", [1, 3])
 def test_generate_with_cache_and_full_budget_matches_dense(refresh_interval):
     model = make_model("llama")
-    ids, mask = _inputs(length=24)
+    ids, mask = random_batch(length=24)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
@@ -228,7 +220,7 @@ def _count_searches(monkeypatch):
 def test_decode_searches_every_refresh_interval(monkeypatch):
     calls = _count_searches(monkeypatch)
     model = make_model("llama")
-    ids = _inputs(batch=1, length=40)[0]
+    ids = random_batch(batch=1, length=40)[0]
     with torch.no_grad(), patched(model, "hip", **SMALL, k=4, refresh_interval=4):
         model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
     # Per layer: the prefill, then decode steps 1..9 search at steps 1, 5, 9.

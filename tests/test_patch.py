@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_longattn
 from hf_longattn import ConfigError, UnsupportedModelError, patch_model, patched, unpatch_model
-from tiny_models import FAMILIES, make_model
+from tiny_models import FAMILIES, make_model, random_batch
 
 # Exact configurations: `dense`, and the sparse-pattern path with a window that covers the whole context.
 EXACT = [("dense", {}), ("streaming", {"sink": 0, "window": 1 << 20, "block_size_q": 16}),
@@ -17,21 +17,11 @@ EXACT = [("dense", {}), ("streaming", {"sink": 0, "window": 1 << 20, "block_size
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
-def _inputs(batch=2, length=40, pad=7, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (batch, length), generator=gen)
-    mask = torch.ones_like(ids)
-    if batch > 1 and pad:
-        mask[1, :pad] = 0
-        ids[1, :pad] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("method,options", EXACT, ids=["dense", "pattern-full", "pattern-full-sink"])
 def test_prefill_logits_match_unpatched(family, method, options):
     model = make_model(family)
-    ids, mask = _inputs()
+    ids, mask = random_batch()
     with torch.no_grad():
         reference = model(ids, attention_mask=mask).logits
         with patched(model, method, **options):
@@ -44,7 +34,7 @@ def test_prefill_logits_match_unpatched(family, method, options):
 @pytest.mark.parametrize("method,options", EXACT[:2], ids=["dense", "pattern-full"])
 def test_greedy_generate_with_cache_matches_unpatched(family, method, options):
     model = make_model(family)
-    ids, mask = _inputs(length=24)
+    ids, mask = random_batch(length=24)
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
@@ -57,7 +47,7 @@ def test_greedy_generate_with_cache_matches_unpatched(family, method, options):
 
 def test_chunked_prefill_queries_are_the_last_positions():
     model = make_model("llama")
-    ids, _ = _inputs(batch=1, length=48, pad=0)
+    ids, _ = random_batch(batch=1, length=48, pad=0)
     with torch.no_grad():
         reference = model(ids).logits
         patch_model(model, "streaming", sink=2, window=1 << 20, block_size_q=8)
@@ -69,7 +59,7 @@ def test_chunked_prefill_queries_are_the_last_positions():
 def test_sparse_pattern_is_used_and_differs_from_dense():
     """A small window must change the output: proves the patched path really runs the sparse pattern."""
     model = make_model("llama")
-    ids, mask = _inputs(batch=1, length=64, pad=0)
+    ids, mask = random_batch(batch=1, length=64, pad=0)
     with torch.no_grad():
         reference = model(ids).logits
         with patched(model, "streaming", sink=0, window=8, block_size_q=8):
@@ -80,7 +70,7 @@ def test_sparse_pattern_is_used_and_differs_from_dense():
 
 def test_layer_policy_dense_layers_and_min_seq_len():
     model = make_model("llama")
-    ids, _ = _inputs(batch=1, length=64, pad=0)
+    ids, _ = random_batch(batch=1, length=64, pad=0)
     with torch.no_grad():
         reference = model(ids).logits
         with patched(model, "streaming", sink=0, window=8, dense_layers=4):  # all 4 layers dense
@@ -95,7 +85,7 @@ def test_layer_policy_dense_layers_and_min_seq_len():
 
 def test_sliding_window_layers_keep_their_window_by_default():
     model = make_model("gemma2")  # alternating local (window 16) / global layers
-    ids, _ = _inputs(batch=1, length=48, pad=0)
+    ids, _ = random_batch(batch=1, length=48, pad=0)
     with torch.no_grad():
         reference = model(ids).logits
         with patched(model, "streaming", sink=0, window=1 << 20):
@@ -107,7 +97,7 @@ def test_sliding_window_layers_keep_their_window_by_default():
 
 def test_unpatch_restores_bit_identical_logits_and_implementation():
     model = make_model("gemma2", attn_implementation="eager")
-    ids, mask = _inputs()
+    ids, mask = random_batch()
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
         patch_model(model, "streaming", sink=0, window=4)
@@ -154,7 +144,7 @@ def test_from_pretrained_with_registered_name_and_save_without_package(tmp_path)
     model.save_pretrained(tmp_path / "plain")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", attn_implementation="longattn_streaming")
     assert loaded.config._attn_implementation == "longattn_streaming"
-    ids, _ = _inputs(batch=1, length=20, pad=0)
+    ids, _ = random_batch(batch=1, length=20, pad=0)
     with torch.no_grad():
         loaded(ids)  # runs with the method's defaults
     patch_model(model, "streaming", window=8)
@@ -166,7 +156,7 @@ def test_from_pretrained_with_registered_name_and_save_without_package(tmp_path)
 def test_mask_the_kernel_cannot_honour_falls_back_to_dense_with_one_warning(caplog):
     """A padding mask with a hole in the middle is not causal + window + left padding: exact dense, warned once."""
     model = make_model("llama")
-    ids, _ = _inputs(batch=1, length=32, pad=0)
+    ids, _ = random_batch(batch=1, length=32, pad=0)
     mask = torch.ones_like(ids)
     mask[0, 10:14] = 0
     with torch.no_grad():
@@ -183,7 +173,7 @@ def test_accelerate_offloaded_model_patches_and_matches(tmp_path):
     """Serving with accelerate: layers offloaded to disk (device_map) still run the patched attention exactly."""
     model = make_model("llama")
     model.save_pretrained(tmp_path / "model")
-    ids, _ = _inputs(batch=1, length=40, pad=0)
+    ids, _ = random_batch(batch=1, length=40, pad=0)
     with torch.no_grad():
         reference = model(ids).logits
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
@@ -198,7 +188,7 @@ def test_accelerate_offloaded_model_patches_and_matches(tmp_path):
 
 def test_patched_model_runs_under_torch_compile():
     model = make_model("llama")
-    ids, _ = _inputs(batch=1, length=40, pad=0)
+    ids, _ = random_batch(batch=1, length=40, pad=0)
     patch_model(model, "streaming", sink=4, window=16, block_size_q=16)
     with torch.no_grad():
         eager = model(ids).logits
