@@ -15,7 +15,7 @@ from hf_longattn.kernels.hip_mask import candidate_block_range, hip_mask_referen
 from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.blocktopk import BlockTopK, BlockTopKConfig
 from hf_longattn.methods.hip import HIP_PRESETS, Hip, HipConfig
-from tiny_models import make_model, random_batch
+from tiny_models import assert_prefill_matches_unpatched, make_model, random_batch
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 # Tiny blocks so that short test inputs have many candidates; "full" covers every test context (<= 128 keys).
@@ -171,13 +171,7 @@ def test_attention_with_small_budget_is_not_dense():
 @pytest.mark.parametrize("method,options", [("hip", FULL), ("blocktopk", dict(k=64, block_size_q=8, block_size_k=4,
                                                                               window=4, sink=2))])
 def test_model_with_full_budget_matches_dense(family, method, options):
-    model = make_model(family)
-    ids, mask = random_batch()
-    with torch.no_grad():
-        reference = model(ids, attention_mask=mask).logits
-        with patched(model, method, **options):
-            logits = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits[mask.bool()], reference[mask.bool()], **TOL)
+    assert_prefill_matches_unpatched(make_model(family), method, options, **TOL)
 
 
 def test_dense_layers_option_keeps_leading_layers_exact(monkeypatch):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_longattn
 from hf_longattn import ConfigError, UnsupportedModelError, patch_model, patched, unpatch_model
-from tiny_models import FAMILIES, make_model, random_batch
+from tiny_models import FAMILIES, assert_prefill_matches_unpatched, make_model, random_batch
 
 # Exact configurations: `dense`, and the sparse-pattern path with a window that covers the whole context.
 EXACT = [("dense", {}), ("streaming", {"sink": 0, "window": 1 << 20, "block_size_q": 16}),
@@ -20,14 +20,7 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("method,options", EXACT, ids=["dense", "pattern-full", "pattern-full-sink"])
 def test_prefill_logits_match_unpatched(family, method, options):
-    model = make_model(family)
-    ids, mask = random_batch()
-    with torch.no_grad():
-        reference = model(ids, attention_mask=mask).logits
-        with patched(model, method, **options):
-            logits = model(ids, attention_mask=mask).logits
-    valid = mask.bool()
-    torch.testing.assert_close(logits[valid], reference[valid], **TOL)
+    assert_prefill_matches_unpatched(make_model(family), method, options, **TOL)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -39,3 +39,16 @@ def random_batch(batch=2, length=40, pad=7, seed=0):
     if batch > 1 and pad:
         mask[1, :pad], ids[1, :pad] = 0, 0
     return ids, mask
+
+
+def assert_prefill_matches_unpatched(model, method: str, options: dict, **tolerance):
+    """Patched with `method`, the model's logits on a left-padded batch equal its unpatched logits (real tokens)."""
+    from hf_longattn import patched
+
+    ids, mask = random_batch()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        with patched(model, method, **options):
+            logits = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], reference[valid], **tolerance)

@@ -190,7 +190,7 @@ def run_niah_command(args) -> int:
     model.to(device)
     chat = {"auto": None, "yes": True, "no": False}[args.chat_template]
     command = "hf-longattn " + " ".join(shlex.quote(a) for a in args.argv)
-    results = run_niah(
+    run_niah(
         model, tokenizer, method_args, lengths, depths, args.samples, needle=args.needle, haystack=args.haystack,
         seed=args.seed, batch_size=args.batch_size, chat_template=chat, model_name=args.model_name or args.model,
         progress=not args.quiet, max_position_embeddings=limit,
