@@ -49,10 +49,15 @@ def family_of(model: torch.nn.Module) -> ModelFamily:
     return FAMILIES[model_type]
 
 
+def text_config_of(model: torch.nn.Module):
+    """The config of the model's text decoder (the sub-config of a multimodal wrapper, else the model's own)."""
+    family = family_of(model)
+    return getattr(model.config, family.text_config) if family.text_config else model.config
+
+
 def decoder_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder's self-attention modules (those transformers calls with a layer_idx), in layer order."""
-    family = family_of(model)
-    text_config = getattr(model.config, family.text_config) if family.text_config else model.config
+    text_config = text_config_of(model)
     modules = [
         m for m in model.modules()
         if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj") and getattr(m, "config", None) is text_config

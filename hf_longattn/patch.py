@@ -16,7 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import LayerRunner, longattn_mask, make_attention_function
 from .methods import METHODS, get_method
-from .models import decoder_attention_modules, family_of
+from .models import decoder_attention_modules, family_of, text_config_of
 
 _ORIGINAL = "hf_longattn_original_attn_implementation"
 
@@ -43,11 +43,6 @@ def _set_implementation(model, implementation) -> None:
     model.set_attn_implementation(implementation)
 
 
-def _text_config(model):
-    family = family_of(model)
-    return getattr(model.config, family.text_config) if family.text_config else model.config
-
-
 def patch_model(model: torch.nn.Module, method: str = "hip", **options) -> torch.nn.Module:
     """Make `model`'s decoder attention use `method` (see `available_methods()`), with the method's options.
 
@@ -61,7 +56,7 @@ def patch_model(model: torch.nn.Module, method: str = "hip", **options) -> torch
     if is_patched(model):
         unpatch_model(model)
     modules = decoder_attention_modules(model)
-    original = _text_config(model)._attn_implementation
+    original = text_config_of(model)._attn_implementation
     register_all()
     instance = method_cls(config)
     for module in modules:
