@@ -74,6 +74,7 @@ def sparse_attention_reference(
     n_keys += min(pattern.window_tokens, k_len) + bq - 1 if pattern.window_tokens > 0 else 0
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * num_q_heads * bq * max(n_keys, 1)))
 
+    block_slot = torch.arange(pattern.max_blocks, device=device).repeat_interleave(pattern.block_size_k)
     out = torch.zeros(batch, heads, group, n_qb, bq, value.shape[-1], device=device)
     lse = torch.full((batch, heads, group, n_qb, bq), -math.inf, device=device)
     for c0 in range(0, n_qb, chunk):
@@ -92,9 +93,8 @@ def sparse_attention_reference(
         qp = q_pos[c0:c1].view(1, 1, nc, bq, 1)
         sink_kp, sel_kp, win_kp = sink.unsqueeze(-2), selected.unsqueeze(-2), window.unsqueeze(-2)
         vis_sink = sink_kp <= qp
-        live = torch.arange(pattern.max_blocks, device=device).repeat_interleave(pattern.block_size_k)
-        live = (live < sub.block_counts.unsqueeze(-1)).unsqueeze(-2)
-        vis_sel = live & (sel_kp <= qp - pattern.window_tokens) & (sel_kp <= qp) & (sel_kp >= sink_end)
+        live = (block_slot < sub.block_counts.unsqueeze(-1)).unsqueeze(-2)
+        vis_sel = live & (sel_kp <= qp - pattern.window_tokens) & (sel_kp >= sink_end)  # window >= 0: causal too
         vis_win = (win_kp > qp - pattern.window_tokens) & (win_kp <= qp) & (win_kp >= sink_end)
         visible = torch.cat([v.expand(*shape, bq, -1) for v in (vis_sink, vis_sel, vis_win)], -1)
 
