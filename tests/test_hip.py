@@ -108,6 +108,18 @@ def test_selection_is_causal_distinct_and_ascending():
                 assert ids == sorted(set(ids)) and all(lo[b, qb] <= i < hi[b, qb] for i in ids)
 
 
+def test_strided_queries_include_each_blocks_last_query():
+    # Key 15 matters only to query 15, the last of its block (it predicts the next token); key 14 repels every query.
+    # Strided from the block's start (rows 8, 10, 12, 14), the search would rank block 7 (keys 14, 15) last.
+    q, k = torch.randn(1, 1, 16, 8) * 0.01, torch.randn(1, 1, 16, 8) * 0.01
+    q[..., 0] = 1.0
+    k[0, 0, 14, 0], k[0, 0, 15, 0] = -100.0, 100.0
+    options = dict(k=8, block_size_q=8, block_size_k=2, query_stride=2, sink=0, window=0)
+    for search in (hip_mask_reference, hip_mask_triton):
+        pattern = search(q, k, **options)
+        assert 7 in pattern.block_indices[0, 0, 1, : int(pattern.block_counts[0, 0, 1])].tolist()
+
+
 KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
     (1, 4, 2, 40, 40, 16, dict(SMALL, k=8)),
     (2, 4, 2, 1, 50, 16, dict(SMALL, k=8)),  # decode, padded second row
@@ -141,6 +153,17 @@ def test_triton_kernel_matches_reference_interpreted(case):
                                                                           query_stride=2, sink=16, window=64))])
 def test_triton_kernel_matches_reference_on_gpu(case):
     _compare_kernel(case, "cuda")
+
+
+@pytest.mark.parametrize("launch", [{"tile_keys": 16, "num_warps": 2, "stages": 2},
+                                    {"tile_keys": 256, "num_warps": 8, "stages": 1}])
+def test_triton_kernel_launch_settings_keep_the_selection(launch):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _qk(1, 4, 2, 40, 40, 16, seed=3)
+    expected = hip_mask_reference(q, k, **SMALL, k=8)
+    got = hip_mask_triton(q.to(device), k.to(device), **SMALL, k=8, launch=launch)
+    assert torch.equal(got.block_counts.cpu(), expected.block_counts)
+    assert torch.equal(got.block_indices.cpu(), expected.block_indices)
 
 
 # --- exactness ----------------------------------------------------------------------------------------------------
@@ -233,19 +256,31 @@ def test_new_generate_starts_with_a_fresh_search(monkeypatch):
     assert calls == [6] * 8
 
 
-def test_reused_selection_adds_the_blocks_that_left_the_window():
-    hip = Hip(HipConfig(**SMALL, k=4, refresh_interval=8))
-    state: dict = {}
+def test_decode_search_lists_the_blocks_that_leave_the_window_before_the_next_search():
+    config = HipConfig(**SMALL, k=4, refresh_interval=4)
+    hip, state = Hip(config), {}
     q, k = _qk(q_len=1, k_len=41)
     first = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
-    # Three steps later the window (4 tokens) has moved past keys 37..39: blocks 18 and 19 (block_size_k=2) were
-    # never candidates of the search at length 41 (its candidates end at block ceil((41 - 4) / 2) = 19).
-    q, k = _qk(q_len=1, k_len=44)
-    later = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
+    searched = hip_mask_reference(q, k, k=4, **SMALL)
+    # The search's candidates end at block ceil((41 - 4) / 2) = 19 (window 4, block_size_k 2). The next 3 steps grow
+    # the keys to 44, whose last query's window starts at key 40: block 19 (keys 38, 39) leaves the window meanwhile.
     for h in range(2):
-        n = int(first.block_counts[0, h, 0])
-        assert later.block_indices[0, h, 0, : n + 1].tolist() == first.block_indices[0, h, 0, :n].tolist() + [19]
-        assert int(later.block_counts[0, h, 0]) == n + 1
+        n = int(searched.block_counts[0, h, 0])
+        assert first.block_indices[0, h, 0, : n + 1].tolist() == searched.block_indices[0, h, 0, :n].tolist() + [19]
+        assert int(first.block_counts[0, h, 0]) == n + 1
+    for k_len in (42, 43, 44):
+        q, k = _qk(q_len=1, k_len=k_len)
+        assert hip.select(q, k, AttentionCall(0, 0.25, None, None, state)) is first
+    q, k = _qk(q_len=1, k_len=45)
+    assert hip.select(q, k, AttentionCall(0, 0.25, None, None, state)) is not first
+
+
+def test_decode_searches_again_when_a_call_adds_more_keys_than_the_pattern_covers():
+    hip, state = Hip(HipConfig(**SMALL, k=4, refresh_interval=8)), {}
+    q, k = _qk(q_len=1, k_len=41)
+    first = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
+    q, k = _qk(q_len=8, k_len=49)  # 8 new keys at once: beyond the 7 steps of one key the search prepared for
+    assert hip.select(q, k, AttentionCall(0, 0.25, None, None, state)) is not first
 
 
 # --- blocktopk -------------------------------------------------------------------------------------------------------

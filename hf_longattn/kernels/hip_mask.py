@@ -80,12 +80,14 @@ def hip_mask_reference(
     n_qb = -(-q_len // block_size_q)
 
     # Strided queries of every block, the pattern head's query heads side by side: [B, H, nQB, R, D].
-    rows = torch.arange(0, block_size_q, query_stride, device=device)
-    q_idx = torch.arange(n_qb, device=device).view(-1, 1) * block_size_q + rows  # [nQB, NQ]
-    q_sel = query.float()[:, :, q_idx.clamp(max=q_len - 1)]  # [B, Hq, nQB, NQ, D]
-    q_sel = q_sel.view(batch, heads, per_head, n_qb, rows.numel(), dim).transpose(2, 3).flatten(3, 4)
+    # Strided back from each block's last query, which is always scored (it predicts the token after the block).
+    first = torch.arange(n_qb, device=device).view(-1, 1) * block_size_q
+    last = torch.clamp(first + block_size_q, max=q_len) - 1
+    q_idx = last - torch.arange(0, block_size_q, query_stride, device=device)  # [nQB, NQ]
+    q_sel = query.float()[:, :, q_idx.clamp(min=0)]  # [B, Hq, nQB, NQ, D]
+    q_sel = q_sel.view(batch, heads, per_head, n_qb, q_idx.shape[1], dim).transpose(2, 3).flatten(3, 4)
     q_pos = (q_idx + k_len - q_len).repeat(1, per_head)  # [nQB, R]
-    q_live = (q_idx < q_len).repeat(1, per_head)
+    q_live = (q_idx >= first).repeat(1, per_head)
     kv_head = torch.arange(heads, device=device) // (num_q_heads // num_kv_heads // per_head)
     keys = key.float()[:, kv_head]  # [B, H, Lk, D]; a view-free gather only over heads
 
@@ -126,6 +128,15 @@ def hip_mask_reference(
     return SparsePattern(ids.to(torch.int32), counts.to(torch.int32), block_size_q, block_size_k, sink, window)
 
 
+# Launch settings of the Triton kernel. A prefill runs thousands of programs (batch x heads x query blocks); a decode
+# step runs one per (batch, head), so its latency wants wider tiles and more warps. Measured on an H200 at 128K
+# (benchmarks/bench_hip.py --sweep, results in benchmarks/results/hip_bench.md).
+LAUNCH_SETTINGS = {
+    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 1},
+    "decode": {"tile_keys": 64, "num_warps": 4, "stages": 1},
+}
+
+
 def hip_mask_triton(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
@@ -133,8 +144,8 @@ def hip_mask_triton(
 ) -> SparsePattern:
     """Same contract and result as `hip_mask_reference`, one Triton program per (batch, head, query block).
 
-    ``launch`` overrides the launch settings for tuning: ``chunk`` (halves scored per tile), ``num_warps``,
-    ``num_stages``.
+    ``launch`` overrides `LAUNCH_SETTINGS` for tuning: ``tile_keys`` (keys scored per tile), ``num_warps`` and
+    ``stages`` (key tiles in flight while one is scored).
     """
     _check_inputs(query, key, k, block_size_k)
     batch, num_q_heads, q_len, dim = query.shape
@@ -154,9 +165,9 @@ def hip_mask_triton(
     sorted_keys = torch.empty(programs, halves, dtype=torch.int64, device=device)
     ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
-    # Measured on an H200 at 128K (benchmarks/results/hip_bench.md): 64 keys per tile and 4 warps were fastest.
-    settings = {"chunk": max(16, 64 // bk_p2), "num_warps": 4, "num_stages": 1}
-    settings.update(launch or {})
+    settings = dict(LAUNCH_SETTINGS["decode" if n_qb == 1 else "prefill"], **(launch or {}))
+    # Halves per tile: a power of two, and a tile at least 16 keys wide for tl.dot.
+    chunk = min(halves, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2)))
     if programs:
         from .hip_mask_kernel import hip_mask_kernel
 
@@ -166,8 +177,8 @@ def hip_mask_triton(
             PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
             STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k,
             BK_P2=bk_p2, DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, NSEL_P2=nsel_p2,
-            CHUNK=min(halves, settings["chunk"]), PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+            CHUNK=chunk, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            STAGES=settings["stages"], num_warps=settings["num_warps"],
         )
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 

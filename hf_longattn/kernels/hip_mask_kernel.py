@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Lengths change at every step: specialising on them would recompile the kernel as they do.
+@triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_mask_kernel(
     Q, K, KV_START, OUT_IDX, OUT_COUNT, GROUPS, SCORES, SORTED,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
@@ -16,6 +17,7 @@ def hip_mask_kernel(
     PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
     DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """One program = one (batch, pattern head, query block); the algorithm is described in hip_mask.py."""
     qb = tl.program_id(0)
@@ -30,8 +32,9 @@ def hip_mask_kernel(
 
     # Strided queries of the block for the pattern head's query heads: [ROWS, DIM].
     r = tl.arange(0, ROWS)
-    q_row = qb * BLOCK_Q + (r % NQ) * STRIDE
-    row_live = (r < PER_HEAD * NQ) & (q_row < q_len)
+    last_row = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1
+    q_row = last_row - (r % NQ) * STRIDE  # strided back from the block's last query, as in the reference
+    row_live = (r < PER_HEAD * NQ) & (q_row >= qb * BLOCK_Q)
     q_head = h * PER_HEAD + r // NQ
     d = tl.arange(0, DIM_P2)
     q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_ql + d[None, :] * stride_qd
@@ -40,7 +43,7 @@ def hip_mask_kernel(
     kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
 
     # Candidate key blocks [lo, hi) (candidate_block_range), split into NSEL contiguous groups.
-    last_pos = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1 + (k_len - q_len)
+    last_pos = last_row + (k_len - q_len)
     lo = (tl.load(KV_START + b) + sink) // BK
     hi = tl.maximum((tl.maximum(last_pos - window + 1, 0) + BK - 1) // BK, lo)
     n_cand = (hi - lo).to(tl.int64)
@@ -54,7 +57,8 @@ def hip_mask_kernel(
     t = tl.arange(0, BK_P2)
     while largest > 1:
         tl.debug_barrier()
-        for c0 in tl.static_range(0, HALVES, CHUNK):
+        # A runtime loop (short compile); with STAGES > 1 the next chunk's keys load while this chunk is scored.
+        for c0 in tl.range(0, HALVES, CHUNK, num_stages=STAGES):
             half = c0 + tl.arange(0, CHUNK)
             gs = tl.load(groups + half // 2)
             ge = tl.load(groups + NSEL_P2 + half // 2)

@@ -10,8 +10,9 @@ head that is 4x fewer programs for the same work per program. ``shared_kv_heads=
 the paper does for models without GQA.
 
 Decode (a call with at most one query block that continues the previous call): the search runs for the new queries
-every ``refresh_interval`` steps; in between, the last selection is reused plus every key block that has left the
-sliding window since, so no key that was visible at the refresh is dropped. The state lives in `AttentionCall.state`,
+every ``refresh_interval`` steps; in between, the same pattern is reused. At the search it already lists the key
+blocks that will leave the sliding window before the next search, so no key that was visible at the search is
+dropped and a reused step costs nothing but the attention. The state lives in `AttentionCall.state`,
 which the patcher empties whenever a call does not continue the previous one (a new prompt, a new generate()).
 """
 
@@ -82,17 +83,20 @@ class Hip(SparseMethod):
         q_len, k_len = query.shape[2], key.shape[2]
         decoding = q_len <= c.block_size_q
         state = call.state.get("hip") if decoding else None
-        if state is not None and state["batch"] == query.shape[0] and state["age"] + 1 < c.refresh_interval:
+        if (state is not None and state["batch"] == query.shape[0] and state["age"] + 1 < c.refresh_interval
+                and k_len <= state["covers"]):
             state["age"] += 1
-            return self._reuse(state, k_len)
+            return state["pattern"]
 
         pattern = hip_mask(
             query, key, k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
             sink=c.sink, window=c.window, shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start,
         )
         if decoding:
-            call.state["hip"] = {"pattern": pattern, "hi": self._window_start_block(k_len), "age": 0,
-                                 "batch": query.shape[0]}
+            # Steps until the next search add about q_len keys each; list now the blocks they push out of the window.
+            covers = k_len + (c.refresh_interval - 1) * q_len
+            pattern = self._with_blocks_leaving_window(pattern, k_len, covers)
+            call.state["hip"] = {"pattern": pattern, "covers": covers, "age": 0, "batch": query.shape[0]}
         else:
             call.state.pop("hip", None)
         return pattern
@@ -102,21 +106,22 @@ class Hip(SparseMethod):
         c = self.config
         return -(-max(k_len - c.window, 0) // c.block_size_k)
 
-    def _reuse(self, state: dict, k_len: int) -> SparsePattern:
-        """The last selection plus the key blocks [hi at refresh, hi now): those that left the window since.
+    def _with_blocks_leaving_window(self, pattern: SparsePattern, k_len: int, covers: int) -> SparsePattern:
+        """The selection plus the key blocks that leave the sliding window while the key length grows to `covers`.
 
-        Blocks past the stored selection's candidates were never searched; listing them keeps every key that was
-        visible at the refresh. (A listed block inside the sink is harmless: the pattern's regions are a partition.)
+        Until the next search the same pattern then serves every step (no per-step work, and a fixed shape for CUDA
+        graphs): a listed block still inside the window or past the query counts once, as the pattern contract
+        says, so listing it early changes nothing, and no key visible at the search is ever dropped.
         """
-        old: SparsePattern = state["pattern"]
-        first_new, n_new = state["hi"], self._window_start_block(k_len) - state["hi"]
+        first_new = self._window_start_block(k_len)
+        n_new = self._window_start_block(covers) - first_new
         if n_new <= 0:
-            return old
-        counts = old.block_counts.unsqueeze(-1)  # [B, H, 1, 1]
-        slot = torch.arange(old.max_blocks + n_new, device=counts.device)
-        padded = torch.nn.functional.pad(old.block_indices, (0, n_new))
+            return pattern
+        counts = pattern.block_counts.unsqueeze(-1)  # [B, H, 1, 1]
+        slot = torch.arange(pattern.max_blocks + n_new, device=counts.device)
+        padded = torch.nn.functional.pad(pattern.block_indices, (0, n_new))
         ids = torch.where(slot < counts, padded, first_new + slot - counts)
-        new_counts = old.block_counts + n_new
+        new_counts = pattern.block_counts + n_new
         ids = torch.where(slot < new_counts.unsqueeze(-1), ids, 0).to(torch.int32)
-        return SparsePattern(ids, new_counts.to(torch.int32), old.block_size_q, old.block_size_k, old.sink_tokens,
-                             old.window_tokens)
+        return SparsePattern(ids, new_counts.to(torch.int32), pattern.block_size_q, pattern.block_size_k,
+                             pattern.sink_tokens, pattern.window_tokens)
