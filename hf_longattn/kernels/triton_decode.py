@@ -18,7 +18,11 @@ from .triton_prefill import _load_kv, _scores, _softmax_step, dot_precision, key
 MAX_DECODE_QUERIES = 16
 
 
-@triton.jit
+# Lengths and pattern strides change at every step: specialising on them would recompile the kernel as they do.
+@triton.jit(do_not_specialize=[
+    "stride_ib", "stride_ih", "stride_cb", "stride_ch",
+    "q_len", "k_len", "tiles_per_split", "num_splits",
+])
 def _sparse_decode_split_kernel(
     Q, K, V, PartOut, PartLse, BlockIdx, BlockCnt, KvStart,
     stride_qb, stride_qh, stride_ql,
@@ -96,7 +100,7 @@ def _sparse_decode_split_kernel(
     tl.store(PartLse + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "num_splits"])
 def _merge_splits_kernel(
     PartOut, PartLse, Out, Lse, stride_ob, stride_ol, stride_oh, num_heads, q_len, num_splits,
     G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr,

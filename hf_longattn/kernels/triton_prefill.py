@@ -70,7 +70,11 @@ def _key_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Lengths and pattern strides change at every step: specialising on them would recompile the kernel as they do.
+@triton.jit(do_not_specialize=[
+    "stride_ib", "stride_ih", "stride_iq", "stride_cb",
+    "stride_ch", "q_len", "k_len", "tiles_per_qblock",
+])
 def _sparse_prefill_kernel(
     Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
     stride_qb, stride_qh, stride_ql,
