@@ -39,16 +39,18 @@ QUESTION = "\n\nWhat is the pass key?"
 ANSWER_PREFIX = "The pass key is"
 
 
-def method_options(budget: int, dense_layers: int) -> dict[str, dict]:
-    """Each method at `budget` attended tokens per query (sink + window + selection)."""
+def method_options(budget: int, dense_layers: int) -> dict[str, tuple[str, dict]]:
+    """label -> (method, options): each method at `budget` attended tokens per query (sink + window + selection).
+    "hip-logit" is HiP ranking by the paper's raw q.k instead of the default estimated probability."""
     sink, selected = 16, (budget - 16) * 3 // 4 // 64 * 64
     window = budget - sink - selected
     shared = {"dense_layers": dense_layers}
     return {
-        "dense": {},
-        "streaming": {"sink": sink, "window": budget - sink, **shared},
-        "blocktopk": {"sink": sink, "window": window, "k": selected, "block_size_k": 64, **shared},
-        "hip": {"sink": sink, "window": window, "k": selected, **shared},
+        "dense": ("dense", {}),
+        "streaming": ("streaming", {"sink": sink, "window": budget - sink, **shared}),
+        "blocktopk": ("blocktopk", {"sink": sink, "window": window, "k": selected, "block_size_k": 64, **shared}),
+        "hip": ("hip", {"sink": sink, "window": window, "k": selected, **shared}),
+        "hip-logit": ("hip", {"sink": sink, "window": window, "k": selected, "score": "logit", **shared}),
     }
 
 
@@ -100,12 +102,13 @@ def answers(model, tokenizer, samples: list[dict], batch_size: int, max_new_toke
     return out
 
 
-def run(model, tokenizer, lengths: list[int], samples: int, methods: dict[str, dict], batch_size: int,
+def run(model, tokenizer, lengths: list[int], samples: int, methods: dict[str, tuple[str, dict]], batch_size: int,
         recall_samples: int, seed: int = 0) -> dict:
-    results = {name: {"options": options, "lengths": {}} for name, options in methods.items()}
+    results = {label: {"method": name, "options": options, "lengths": {}}
+               for label, (name, options) in methods.items()}
     for length in lengths:
         cell = make_samples(tokenizer, length, samples, seed)
-        for name, options in methods.items():
+        for label, (name, options) in methods.items():
             start = time.time()
             with patched(model, name, **options):
                 texts = answers(model, tokenizer, cell, batch_size)
@@ -118,8 +121,8 @@ def run(model, tokenizer, lengths: list[int], samples: int, methods: dict[str, d
                 entry["recall_per_layer_head"] = {
                     layer: torch.stack([r[layer] for r in per_layer]).mean(0).tolist() for layer in per_layer[0]
                 }
-            results[name]["lengths"][length] = entry
-            print(f"{name:10s} L={length:6d} accuracy {entry['accuracy']:.2f} ({entry['seconds']:.0f} s)", flush=True)
+            results[label]["lengths"][length] = entry
+            print(f"{label:10s} L={length:6d} accuracy {entry['accuracy']:.2f} ({entry['seconds']:.0f} s)", flush=True)
     return results
 
 
@@ -156,7 +159,7 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--samples", type=int, default=50, help="prompts per length (depths spread over 0..100%%)")
     parser.add_argument("--budget", type=int, default=512, help="attended tokens per query for the sparse methods")
-    parser.add_argument("--methods", nargs="+", default=["dense", "streaming", "blocktopk", "hip"])
+    parser.add_argument("--methods", nargs="+", default=["dense", "streaming", "blocktopk", "hip", "hip-logit"])
     parser.add_argument("--dense-layers", type=int, default=0, help="leading layers kept dense by the sparse methods")
     parser.add_argument("--recall-samples", type=int, default=4, help="prompts per length for the recall table")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -1,6 +1,7 @@
 """HiP (hierarchical top-k search) and the blocktopk baseline: config, the search itself, kernel vs reference,
 exactness against dense at a budget that covers the context, decode refresh state."""
 
+import itertools
 import os
 
 import pytest
@@ -47,6 +48,7 @@ def test_defaults_are_the_papers_and_retrieval_preset_is_larger():
     ({"query_stride": 128}, "query_stride"),
     ({"refresh_interval": 0}, "refresh_interval"),
     ({"shared_kv_heads": "yes"}, "shared_kv_heads"),
+    ({"score": "mean"}, "score='mean' is unknown"),
     ({"budget": 512}, "no option budget"),
 ])
 def test_bad_options_fail_with_a_clear_error(options, message):
@@ -115,9 +117,29 @@ def test_strided_queries_include_each_blocks_last_query():
     q[..., 0] = 1.0
     k[0, 0, 14, 0], k[0, 0, 15, 0] = -100.0, 100.0
     options = dict(k=8, block_size_q=8, block_size_k=2, query_stride=2, sink=0, window=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for search in (hip_mask_reference, hip_mask_triton):
-        pattern = search(q, k, **options)
+        pattern = search(q.to(device), k.to(device), **options)
         assert 7 in pattern.block_indices[0, 0, 1, : int(pattern.block_counts[0, 0, 1])].tolist()
+
+
+def test_local_lse_is_the_log_sum_exp_over_sink_and_window():
+    from hf_longattn.kernels.hip_mask import _local_lse
+
+    gen = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 2, 40, 8, generator=gen), torch.randn(2, 2, 40, 8, generator=gen)
+    block_size_q, sink, window, kv_start = 8, 3, 5, torch.tensor([0, 6])
+    first = torch.arange(5).view(-1, 1) * block_size_q
+    q_idx = first + block_size_q - 1 - torch.arange(0, block_size_q, 2)  # the kernel's strided rows
+    lse = _local_lse(q[:, :, q_idx], keys, q_idx, q_idx >= first, kv_start, sink, window, block_size_q, 0.5, None)
+    for b in range(2):
+        start = int(kv_start[b])
+        for h in range(2):
+            for j, r in itertools.product(range(5), range(q_idx.shape[1])):
+                p = int(q_idx[j, r])
+                seen = [t for t in range(start, p + 1) if t < start + sink or t > p - window]
+                expected = torch.logsumexp(0.5 * keys[b, h, seen] @ q[b, h, p], 0) if seen else torch.tensor(0.0)
+                torch.testing.assert_close(lse[b, h, j, r], expected, atol=1e-5, rtol=1e-5)
 
 
 KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
@@ -127,8 +149,10 @@ KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
                                shared_kv_heads=False)),  # odd block size, no window, per query head
     (1, 2, 1, 64, 64, 32, dict(k=16, block_size_q=16, block_size_k=4, query_stride=3, sink=4, window=8)),
     (1, 2, 2, 24, 30, 8, dict(k=3, block_size_q=4, block_size_k=1, query_stride=1, sink=0, window=2)),
+    (2, 4, 2, 40, 50, 16, dict(SMALL, k=8, score="logit")),
+    (2, 4, 2, 1, 70, 16, dict(SMALL, k=8, scale=0.3, softcap=5.0)),  # decode, Gemma 2's softcap
 ]
-KERNEL_IDS = ["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks"]
+KERNEL_IDS = ["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks", "logit", "softcap"]
 
 
 def _compare_kernel(case, device):

@@ -2,18 +2,24 @@
 
 For each query block, the key blocks that lie past the sink and before its sliding window (the candidates) are split
 into ``n = k / block_size_k`` contiguous groups. Every iteration splits each group into two halves, scores each half
-by its centre ("representative") key block - the max of q.k over the block's tokens and the query block's strided
-queries (and, with a shared selection, the GQA group's query heads) - and keeps the ``n`` best of the ``2n`` halves.
-The largest group halves each round, so after ceil(log2(candidates / n)) rounds every survivor is one key block: the
-selection. Work per query block is O(n x iterations), never O(Lk); no Lq x Lk tensor exists at any step.
+by its centre ("representative") key block - the max over the block's tokens, the query block's strided queries
+(counted back from its last query) and, with a shared selection, the GQA group's query heads - and keeps the ``n``
+best of the ``2n`` halves. The largest group halves each round, so after ceil(log2(candidates / n)) rounds every
+survivor is one key block: the selection. Work per query block is O(n x iterations), never O(Lk); no Lq x Lk tensor
+exists at any step.
+
+What is maximised (``score``): the paper's raw logit q.k, or by default ("probability") the logit minus the query's
+log-sum-exp over the sink and its window - the log of the softmax probability the key would have against the keys
+every pattern keeps. Raw logits are not comparable across queries and heads: one head with large logits everywhere
+picks the blocks for its whole group. On SmolLM2 passkey prompts (2K, a 512-token budget) an exhaustive top-k by raw
+max logit found 1 passkey in 20, by max probability 16 in 20, dense 12 in 20 (benchmarks/results/hip_accuracy*.md).
 
 `hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs the whole search for one
 (batch, head, query block) in one Triton program (hip_mask_kernel.py, imported on first use so that importing the
 package does not import Triton and tests can still choose TRITON_INTERPRET=1). Both break score ties towards the
-lower half index, so they agree
-exactly up to float rounding. `hip_mask` dispatches: Triton on CUDA, the reference elsewhere.
+lower half index, so they agree exactly up to float rounding. `hip_mask` dispatches: Triton on CUDA, the reference
+elsewhere.
 """
-
 from __future__ import annotations
 
 import torch
@@ -67,11 +73,57 @@ def _check_inputs(query, key, k, block_size_k):
         raise ValueError(f"k={k} must be a positive multiple of block_size_k={block_size_k}")
 
 
+SCORES = ("probability", "logit")
+
+
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not one of {SCORES}")
+
+
+def _scaled(scores: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention logits from q.k: scale, then Gemma 2's softcap when there is one."""
+    scores = scores * scale
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def _local_lse(q_sel, keys, q_pos, q_live, kv_start, sink, window, block_size_q, scale, softcap) -> torch.Tensor:
+    """[B, H, nQB, R]: each scored query's log-sum-exp over the sink and its sliding window (0 where it sees none).
+
+    That is the part of the query's softmax mass every pattern keeps, so q.k minus it estimates the probability a
+    key would get: comparable across queries and heads, unlike raw q.k (a head with large logits everywhere would
+    otherwise choose for the whole GQA group).
+    """
+    batch, heads, n_qb, rows, dim = q_sel.shape
+    k_len, device = keys.shape[2], keys.device
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
+    sink_pos = start.view(-1, 1) + torch.arange(sink, device=device)  # [B, sink]
+    # Every window of a block lies in the `window + block_size_q - 1` keys that end at its last query.
+    span = window + block_size_q - 1 if window else 0
+    win_pos = q_pos.max(-1).values.view(-1, 1) - span + 1 + torch.arange(span, device=device)  # [nQB, span]
+    positions = torch.cat([sink_pos.unsqueeze(1).expand(-1, n_qb, -1), win_pos.expand(batch, -1, -1)], -1)
+    k_vec = torch.gather(keys, 2, positions.clamp(0, k_len - 1).flatten(1).view(batch, 1, -1, 1)
+                         .expand(-1, heads, -1, dim)).view(batch, heads, n_qb, -1, dim)
+    s = _scaled(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel, k_vec), scale, softcap)
+    pos, qp, first = positions.view(batch, 1, n_qb, 1, -1), q_pos.view(1, 1, n_qb, -1, 1), start.view(-1, 1, 1, 1, 1)
+    in_sink = torch.arange(positions.shape[-1], device=device) < sink
+    visible = torch.where(in_sink, pos < first + sink, (pos > qp - window) & (pos >= first + sink))
+    visible = visible & (pos >= first) & (pos <= qp) & q_live.view(1, 1, n_qb, -1, 1)
+    lse = s.masked_fill(~visible, -torch.inf).logsumexp(-1)
+    return torch.where(torch.isfinite(lse), lse, 0.0)
+
+
 def hip_mask_reference(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
+    score: str = "probability", scale: float | None = None, softcap: float | None = None,
 ) -> SparsePattern:
-    """query [B, Hq, Lq, D], key [B, Hkv, Lk, D] -> SparsePattern with k // block_size_k blocks per query block."""
+    """query [B, Hq, Lq, D], key [B, Hkv, Lk, D] -> SparsePattern with k // block_size_k blocks per query block.
+
+    ``score="probability"`` ranks a half by max over queries of (logit - the query's sink + window log-sum-exp);
+    ``score="logit"`` by the raw max of q.k, as the paper does. ``scale`` (default head_dim ** -0.5) and ``softcap``
+    are the attention's own.
+    """
     _check_inputs(query, key, k, block_size_k)
     batch, num_q_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
@@ -90,6 +142,14 @@ def hip_mask_reference(
     q_live = (q_idx >= first).repeat(1, per_head)
     kv_head = torch.arange(heads, device=device) // (num_q_heads // num_kv_heads // per_head)
     keys = key.float()[:, kv_head]  # [B, H, Lk, D]; a view-free gather only over heads
+    scale = dim**-0.5 if scale is None else scale
+    _check_score(score)
+    lse = torch.zeros(q_sel.shape[:-1], device=device)  # [B, H, nQB, R]
+    if score == "probability":
+        for c0 in range(0, n_qb, 64):  # a few query blocks at a time bound the local score table
+            c = slice(c0, min(n_qb, c0 + 64))
+            lse[:, :, c] = _local_lse(q_sel[:, :, c], keys, q_pos[c], q_live[c], kv_start, sink, window, block_size_q,
+                                      scale, softcap)
 
     lo, hi = candidate_block_range(batch, q_len, k_len, block_size_q, block_size_k, sink, window, kv_start, device)
     count = (hi - lo).unsqueeze(1).expand(batch, heads, n_qb)
@@ -112,6 +172,7 @@ def hip_mask_reference(
             k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, 2n * bk]
             k_vec = torch.gather(keys, 2, k_pos.clamp(max=k_len - 1).flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim))
             s = torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim))
+            s = _scaled(s, scale, softcap) - lse[:, :, c].unsqueeze(-1)
             causal = k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)
             visible = causal & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
             s = s.masked_fill(~visible, _HIDDEN).amax(-2)
@@ -132,27 +193,31 @@ def hip_mask_reference(
 # step runs one per (batch, head), so its latency wants wider tiles and more warps. Measured on an H200 at 128K
 # (benchmarks/bench_hip.py --sweep, results in benchmarks/results/hip_bench.md).
 LAUNCH_SETTINGS = {
-    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 1},
-    "decode": {"tile_keys": 64, "num_warps": 4, "stages": 1},
+    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2},
+    "decode": {"tile_keys": 64, "num_warps": 4, "stages": 2},
 }
 
 
 def hip_mask_triton(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
-    launch: dict | None = None,
+    score: str = "probability", scale: float | None = None, softcap: float | None = None, launch: dict | None = None,
 ) -> SparsePattern:
     """Same contract and result as `hip_mask_reference`, one Triton program per (batch, head, query block).
 
     ``launch`` overrides `LAUNCH_SETTINGS` for tuning: ``tile_keys`` (keys scored per tile), ``num_warps`` and
     ``stages`` (key tiles in flight while one is scored).
     """
+    from .triton_prefill import score_scaling  # Triton is imported on first use only
+
     _check_inputs(query, key, k, block_size_k)
+    _check_score(score)
     batch, num_q_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
     n_sel, device = k // block_size_k, query.device
     n_qb = -(-q_len // block_size_q)
+    score_scale, softcap_log2 = score_scaling(dim**-0.5 if scale is None else scale, softcap)
     nq = -(-block_size_q // query_stride)
     # At least 8 groups (16 halves): a score tile must be >= 16 keys wide for tl.dot.
     nsel_p2, bk_p2 = max(8, _next_power_of_2(n_sel)), _next_power_of_2(block_size_k)
@@ -173,12 +238,13 @@ def hip_mask_triton(
 
         hip_mask_kernel[(n_qb, batch * heads)](
             query, key, kv_start.to(device=device, dtype=torch.int32), ids, counts, groups, scores, sorted_keys,
-            *query.stride(), *key.stride(), q_len, k_len, heads, n_qb, sink, window,
+            *query.stride(), *key.stride(), q_len, k_len, heads, n_qb, sink, window, score_scale, softcap_log2,
             PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
             STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k,
             BK_P2=bk_p2, DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, NSEL_P2=nsel_p2,
             CHUNK=chunk, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            STAGES=settings["stages"], num_warps=settings["num_warps"],
+            STAGES=settings["stages"], NORMALIZE=score == "probability", SOFTCAP=softcap is not None,
+            num_warps=settings["num_warps"],
         )
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 

@@ -7,17 +7,34 @@ scores, their sorted order), with barriers between the phases that exchange data
 import triton
 import triton.language as tl
 
+from .triton_prefill import _scores
+
+
+@triton.jit
+def _local_lse_update(m_i, l_i, q_tile, kv_base, k_pos, visible, d, stride_kl, stride_kd, k_len, score_scale,
+                      softcap_log2, DIM: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of keys at k_pos folded into each row's running log-sum-exp (m_i, l_i; log2 units)."""
+    k_ok = (k_pos >= 0) & (k_pos < k_len)
+    k_tile = tl.load(kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd,
+                     mask=k_ok[:, None] & (d[None, :] < DIM), other=0.0)
+    s = _scores(q_tile, k_tile, score_scale, softcap_log2, SOFTCAP, PRECISION)
+    visible = visible & k_ok[None, :]
+    m_new = tl.maximum(m_i, tl.max(tl.where(visible, s, float("-inf")), axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.where(visible, tl.exp2(s - m_safe[:, None]), 0.0), axis=1)
+    return m_new, l_i
+
 
 # Lengths change at every step: specialising on them would recompile the kernel as they do.
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_mask_kernel(
     Q, K, KV_START, OUT_IDX, OUT_COUNT, GROUPS, SCORES, SORTED,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
-    q_len, k_len, num_heads, num_q_blocks, sink, window,
+    q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
     PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
     DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One program = one (batch, pattern head, query block); the algorithm is described in hip_mask.py."""
     qb = tl.program_id(0)
@@ -42,9 +59,32 @@ def hip_mask_kernel(
     q_pos = q_row + (k_len - q_len)
     kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
 
-    # Candidate key blocks [lo, hi) (candidate_block_range), split into NSEL contiguous groups.
     last_pos = last_row + (k_len - q_len)
-    lo = (tl.load(KV_START + b) + sink) // BK
+    start = tl.load(KV_START + b)
+    TILE: tl.constexpr = CHUNK * BK_P2
+
+    # score="probability": each row's log-sum-exp over the sink and its window (hip_mask._local_lse), in log2 units.
+    lse = tl.zeros([ROWS], dtype=tl.float32)
+    if NORMALIZE:
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        offs = tl.arange(0, TILE)
+        for t0 in range(0, sink, TILE):
+            k_pos = start + t0 + offs
+            visible = row_live[:, None] & (k_pos[None, :] < start + sink) & (k_pos[None, :] <= q_pos[:, None])
+            m_i, l_i = _local_lse_update(m_i, l_i, q_tile, kv_base, k_pos, visible, d, stride_kl, stride_kd, k_len,
+                                         score_scale, softcap_log2, DIM, SOFTCAP, PRECISION)
+        span = tl.where(window > 0, window + BLOCK_Q - 1, 0)
+        for t0 in range(0, span, TILE):
+            k_pos = last_pos - span + 1 + t0 + offs
+            visible = (row_live[:, None] & (k_pos[None, :] > q_pos[:, None] - window)
+                       & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= start + sink))
+            m_i, l_i = _local_lse_update(m_i, l_i, q_tile, kv_base, k_pos, visible, d, stride_kl, stride_kd, k_len,
+                                         score_scale, softcap_log2, DIM, SOFTCAP, PRECISION)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
+    # Candidate key blocks [lo, hi) (candidate_block_range), split into NSEL contiguous groups.
+    lo = (start + sink) // BK
     hi = tl.maximum((tl.maximum(last_pos - window + 1, 0) + BK - 1) // BK, lo)
     n_cand = (hi - lo).to(tl.int64)
     g = tl.arange(0, NSEL_P2)
@@ -70,7 +110,7 @@ def hip_mask_kernel(
             k_live = tl.reshape((t[None, :] < BK) & (z > a)[:, None], [CHUNK * BK_P2]) & (k_pos < k_len)
             k_ptrs = kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd
             k_tile = tl.load(k_ptrs, mask=k_live[:, None] & (d[None, :] < DIM), other=0.0)
-            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)  # [ROWS, CHUNK * BK_P2]
+            s = _scores(q_tile, k_tile, score_scale, softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
             visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
             best = tl.max(tl.reshape(tl.max(tl.where(visible, s, -1e30), axis=0), [CHUNK, BK_P2]), axis=1)
             tl.store(scores_ptr + half, tl.where(z > a, best, float("-inf")))

@@ -24,7 +24,7 @@ import torch
 
 from ..config import ConfigError, MethodConfig, non_negative, positive
 from ..kernels import SparsePattern
-from ..kernels.hip_mask import hip_mask
+from ..kernels.hip_mask import SCORES, hip_mask
 from .base import SparseMethod
 
 # Named budgets. "paper": the paper's defaults. "retrieval": a 4x larger top-k and window, for needle-style retrieval
@@ -50,6 +50,9 @@ class HipConfig(MethodConfig):
     # Decode steps between two searches; 1 searches at every step.
     refresh_interval: int = 8
     shared_kv_heads: bool = True
+    # How a half is ranked: "probability" = max over the scored queries of (logit - that query's log-sum-exp over sink
+    # and window), an estimate of the softmax probability the key would get; "logit" = the paper's raw max of q.k.
+    score: str = "probability"
 
     def validate(self):
         if self.preset not in HIP_PRESETS:
@@ -70,6 +73,8 @@ class HipConfig(MethodConfig):
                 f"query_stride={self.query_stride} skips past the whole query block (block_size_q="
                 f"{self.block_size_q}); use a stride <= block_size_q"
             )
+        if self.score not in SCORES:
+            raise ConfigError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
         if not isinstance(self.shared_kv_heads, bool):
             raise ConfigError(f"shared_kv_heads={self.shared_kv_heads!r} must be True or False")
 
@@ -90,7 +95,8 @@ class Hip(SparseMethod):
 
         pattern = hip_mask(
             query, key, k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
-            sink=c.sink, window=c.window, shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start,
+            sink=c.sink, window=c.window, shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start, score=c.score,
+            scale=call.scale, softcap=call.softcap,
         )
         if decoding:
             # Steps until the next search add about q_len keys each; list now the blocks they push out of the window.
