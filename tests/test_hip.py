@@ -2,6 +2,7 @@
 exactness against dense at a budget that covers the context, decode refresh state."""
 
 import itertools
+import math
 import os
 
 import pytest
@@ -138,8 +139,21 @@ def test_local_lse_is_the_log_sum_exp_over_sink_and_window():
             for j, r in itertools.product(range(5), range(q_idx.shape[1])):
                 p = int(q_idx[j, r])
                 seen = [t for t in range(start, p + 1) if t < start + sink or t > p - window]
-                expected = torch.logsumexp(0.5 * keys[b, h, seen] @ q[b, h, p], 0) if seen else torch.tensor(0.0)
+                expected = torch.logsumexp(0.5 * keys[b, h, seen] @ q[b, h, p], 0) if seen else torch.tensor(-torch.inf)
                 torch.testing.assert_close(lse[b, h, j, r], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sampled_lse_weights_each_representative_by_its_half_and_skips_the_window():
+    from hf_longattn.kernels.hip_mask import _sampled_lse
+
+    # One row at position 20 (window 4: keys 17..20 are its own), three halves of 3, 1 and 2 blocks (block_size_k 1)
+    # represented by keys 5, 10 and 18; key 18 lies in the row's window and is counted elsewhere.
+    logits = torch.tensor([1.0, 2.0, 5.0]).view(1, 1, 1, 1, 3)
+    k_pos = torch.tensor([5, 10, 18]).view(1, 1, 1, 3)
+    half_size = torch.tensor([3, 1, 2]).view(1, 1, 1, 3)
+    visible = torch.ones(1, 1, 1, 1, 3, dtype=torch.bool)
+    lse = _sampled_lse(logits, visible, k_pos, torch.tensor([[20]]), half_size, torch.tensor([0]), sink=2, window=4)
+    torch.testing.assert_close(lse.view(()), torch.tensor(3 * math.e + math.e**2).log())
 
 
 KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)

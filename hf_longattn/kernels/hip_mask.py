@@ -8,11 +8,14 @@ best of the ``2n`` halves. The largest group halves each round, so after ceil(lo
 survivor is one key block: the selection. Work per query block is O(n x iterations), never O(Lk); no Lq x Lk tensor
 exists at any step.
 
-What is maximised (``score``): the paper's raw logit q.k, or by default ("probability") the logit minus the query's
-log-sum-exp over the sink and its window - the log of the softmax probability the key would have against the keys
-every pattern keeps. Raw logits are not comparable across queries and heads: one head with large logits everywhere
-picks the blocks for its whole group. On SmolLM2 passkey prompts (2K, a 512-token budget) an exhaustive top-k by raw
-max logit found 1 passkey in 20, by max probability 16 in 20, dense 12 in 20 (benchmarks/results/hip_accuracy*.md).
+What is maximised (``score``): the paper's raw logit q.k, or by default ("probability") the logit minus an estimate
+of the query's log-sum-exp - the log of the softmax probability the key would get. The estimate adds the exact mass
+of the sink and the query's window to the candidates' mass sampled by the first round's representatives, each
+weighted by the size of its half (a stratified sample; no extra key is read). Raw logits are not comparable across
+queries and heads: one head with large logits everywhere picks the blocks for its whole group. On SmolLM2 passkey
+prompts (2K, a 512-token budget, 20 prompts) an exhaustive top-k of 2-token blocks found 1 passkey by raw max logit,
+16 by max probability with the exact log-sum-exp and 16 with this estimate; dense found 12
+(benchmarks/results/hip_selection_study.md).
 
 `hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs the whole search for one
 (batch, head, query block) in one Triton program (hip_mask_kernel.py, imported on first use so that importing the
@@ -88,7 +91,7 @@ def _scaled(scores: torch.Tensor, scale: float, softcap: float | None) -> torch.
 
 
 def _local_lse(q_sel, keys, q_pos, q_live, kv_start, sink, window, block_size_q, scale, softcap) -> torch.Tensor:
-    """[B, H, nQB, R]: each scored query's log-sum-exp over the sink and its sliding window (0 where it sees none).
+    """[B, H, nQB, R]: each scored query's log-sum-exp over the sink and its sliding window (-inf where it sees none).
 
     That is the part of the query's softmax mass every pattern keeps, so q.k minus it estimates the probability a
     key would get: comparable across queries and heads, unlike raw q.k (a head with large logits everywhere would
@@ -109,8 +112,19 @@ def _local_lse(q_sel, keys, q_pos, q_live, kv_start, sink, window, block_size_q,
     in_sink = torch.arange(positions.shape[-1], device=device) < sink
     visible = torch.where(in_sink, pos < first + sink, (pos > qp - window) & (pos >= first + sink))
     visible = visible & (pos >= first) & (pos <= qp) & q_live.view(1, 1, n_qb, -1, 1)
-    lse = s.masked_fill(~visible, -torch.inf).logsumexp(-1)
-    return torch.where(torch.isfinite(lse), lse, 0.0)
+    return s.masked_fill(~visible, -torch.inf).logsumexp(-1)
+
+
+def _sampled_lse(logits, visible, k_pos, q_pos, half_size, start, sink, window) -> torch.Tensor:
+    """[B, H, nc, R]: the first round's representative blocks as a stratified sample of the candidates' softmax mass.
+
+    Each half's representative block stands for the half's ``half_size`` blocks; keys a row sees through its window
+    or the sink are left out (`_local_lse` counts them exactly).
+    """
+    weight = torch.log(half_size.float()).repeat_interleave(k_pos.shape[-1] // half_size.shape[-1], -1)
+    past_sink = (k_pos >= start.view(-1, 1, 1, 1) + sink).unsqueeze(-2)
+    outside = (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1) - window) & past_sink
+    return (logits + weight.unsqueeze(-2)).masked_fill(~(visible & outside), -torch.inf).logsumexp(-1)
 
 
 def hip_mask_reference(
@@ -120,7 +134,7 @@ def hip_mask_reference(
 ) -> SparsePattern:
     """query [B, Hq, Lq, D], key [B, Hkv, Lk, D] -> SparsePattern with k // block_size_k blocks per query block.
 
-    ``score="probability"`` ranks a half by max over queries of (logit - the query's sink + window log-sum-exp);
+    ``score="probability"`` ranks a half by max over queries of (logit - the query's estimated log-sum-exp);
     ``score="logit"`` by the raw max of q.k, as the paper does. ``scale`` (default head_dim ** -0.5) and ``softcap``
     are the attention's own.
     """
@@ -144,6 +158,7 @@ def hip_mask_reference(
     keys = key.float()[:, kv_head]  # [B, H, Lk, D]; a view-free gather only over heads
     scale = dim**-0.5 if scale is None else scale
     _check_score(score)
+    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
     lse = torch.zeros(q_sel.shape[:-1], device=device)  # [B, H, nQB, R]
     if score == "probability":
         for c0 in range(0, n_qb, 64):  # a few query blocks at a time bound the local score table
@@ -161,6 +176,7 @@ def hip_mask_reference(
     largest = int(-(-count.max().item() // n_sel)) if count.numel() else 0
     token = torch.arange(block_size_k, device=device)
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * q_pos.shape[1] * 2 * n_sel * block_size_k))
+    first_round = True
     while largest > 1:
         mid = starts + (ends - starts + 1) // 2
         half_start = torch.stack([starts, mid], -1).flatten(-2)  # half 2g + side of group g
@@ -172,15 +188,21 @@ def hip_mask_reference(
             k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, 2n * bk]
             k_vec = torch.gather(keys, 2, k_pos.clamp(max=k_len - 1).flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim))
             s = torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim))
-            s = _scaled(s, scale, softcap) - lse[:, :, c].unsqueeze(-1)
+            s = _scaled(s, scale, softcap)
             causal = k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)
             visible = causal & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
-            s = s.masked_fill(~visible, _HIDDEN).amax(-2)
+            if first_round and score == "probability":
+                size = half_end[:, :, c] - half_start[:, :, c]
+                sampled = _sampled_lse(s, visible, k_pos, q_pos[c], size, start, sink, window)
+                lse[:, :, c] = torch.logaddexp(lse[:, :, c], sampled)
+                lse[:, :, c] = torch.where(torch.isfinite(lse[:, :, c]), lse[:, :, c], 0.0)
+            s = (s - lse[:, :, c].unsqueeze(-1)).masked_fill(~visible, _HIDDEN).amax(-2)
             scores[:, :, c] = s.view(*rep.shape, block_size_k).amax(-1)
         scores = scores.masked_fill(half_end <= half_start, -torch.inf)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_sel]
         starts, ends = half_start.gather(-1, order), half_end.gather(-1, order)
         largest = (largest + 1) // 2
+        first_round = False
 
     live = ends > starts
     ids = torch.sort(torch.where(live, starts, torch.iinfo(torch.int32).max), dim=-1).values

@@ -11,18 +11,34 @@ from .triton_prefill import _scores
 
 
 @triton.jit
-def _local_lse_update(m_i, l_i, q_tile, kv_base, k_pos, visible, d, stride_kl, stride_kd, k_len, score_scale,
-                      softcap_log2, DIM: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """One tile of keys at k_pos folded into each row's running log-sum-exp (m_i, l_i; log2 units)."""
-    k_ok = (k_pos >= 0) & (k_pos < k_len)
-    k_tile = tl.load(kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd,
-                     mask=k_ok[:, None] & (d[None, :] < DIM), other=0.0)
-    s = _scores(q_tile, k_tile, score_scale, softcap_log2, SOFTCAP, PRECISION)
-    visible = visible & k_ok[None, :]
+def _lse_update(m_i, l_i, s, visible):
+    """Fold a tile of scores (log2 units) into each row's running log-sum-exp (m_i, l_i), over the visible ones."""
     m_new = tl.maximum(m_i, tl.max(tl.where(visible, s, float("-inf")), axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.where(visible, tl.exp2(s - m_safe[:, None]), 0.0), axis=1)
     return m_new, l_i
+
+
+@triton.jit
+def _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM: tl.constexpr):
+    return tl.load(kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd,
+                   mask=k_live[:, None] & (d[None, :] < DIM), other=0.0)
+
+
+@triton.jit
+def _halves(groups, half, k_len, NSEL_P2: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, CHUNK: tl.constexpr):
+    """Halves `half` of the current groups: their block ranges [a, z) and the key positions of their representative
+    (centre) blocks, with which of those keys exist."""
+    t = tl.arange(0, BK_P2)
+    gs = tl.load(groups + half // 2)
+    ge = tl.load(groups + NSEL_P2 + half // 2)
+    mid = gs + (ge - gs + 1) // 2
+    a = tl.where(half % 2 == 0, gs, mid)
+    z = tl.where(half % 2 == 0, mid, ge)
+    rep = tl.maximum(a + z - 1, 0) // 2
+    k_pos = tl.reshape(rep[:, None] * BK + t[None, :], [CHUNK * BK_P2])
+    k_live = tl.reshape((t[None, :] < BK) & (z > a)[:, None], [CHUNK * BK_P2]) & (k_pos < k_len)
+    return a, z, k_pos, k_live
 
 
 # Lengths change at every step: specialising on them would recompile the kernel as they do.
@@ -61,27 +77,6 @@ def hip_mask_kernel(
 
     last_pos = last_row + (k_len - q_len)
     start = tl.load(KV_START + b)
-    TILE: tl.constexpr = CHUNK * BK_P2
-
-    # score="probability": each row's log-sum-exp over the sink and its window (hip_mask._local_lse), in log2 units.
-    lse = tl.zeros([ROWS], dtype=tl.float32)
-    if NORMALIZE:
-        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([ROWS], dtype=tl.float32)
-        offs = tl.arange(0, TILE)
-        for t0 in range(0, sink, TILE):
-            k_pos = start + t0 + offs
-            visible = row_live[:, None] & (k_pos[None, :] < start + sink) & (k_pos[None, :] <= q_pos[:, None])
-            m_i, l_i = _local_lse_update(m_i, l_i, q_tile, kv_base, k_pos, visible, d, stride_kl, stride_kd, k_len,
-                                         score_scale, softcap_log2, DIM, SOFTCAP, PRECISION)
-        span = tl.where(window > 0, window + BLOCK_Q - 1, 0)
-        for t0 in range(0, span, TILE):
-            k_pos = last_pos - span + 1 + t0 + offs
-            visible = (row_live[:, None] & (k_pos[None, :] > q_pos[:, None] - window)
-                       & (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= start + sink))
-            m_i, l_i = _local_lse_update(m_i, l_i, q_tile, kv_base, k_pos, visible, d, stride_kl, stride_kd, k_len,
-                                         score_scale, softcap_log2, DIM, SOFTCAP, PRECISION)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
 
     # Candidate key blocks [lo, hi) (candidate_block_range), split into NSEL contiguous groups.
     lo = (start + sink) // BK
@@ -92,25 +87,48 @@ def hip_mask_kernel(
     g_end = tl.where(g < NSEL, lo + ((g + 1) * n_cand) // NSEL, 0)
     tl.store(groups + g, g_start.to(tl.int32))
     tl.store(groups + NSEL_P2 + g, g_end.to(tl.int32))
-
     largest = (n_cand + NSEL - 1) // NSEL
-    t = tl.arange(0, BK_P2)
+
+    # score="probability": each row's log-sum-exp (log2 units) over the sink and its window (hip_mask._local_lse)
+    # plus the candidates' mass sampled by the first round's representatives (hip_mask._sampled_lse).
+    lse = tl.zeros([ROWS], dtype=tl.float32)
+    if NORMALIZE:
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        offs = tl.arange(0, CHUNK * BK_P2)
+        span = tl.where(window > 0, window + BLOCK_Q - 1, 0)
+        for t0 in range(0, sink + span, CHUNK * BK_P2):
+            in_sink = t0 + offs < sink
+            k_pos = tl.where(in_sink, start + t0 + offs, last_pos - span + 1 + t0 + offs - sink)
+            k_live = (k_pos >= 0) & (k_pos < k_len) & (t0 + offs < sink + span)
+            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                        softcap_log2, SOFTCAP, PRECISION)
+            seen = tl.where(in_sink[None, :], k_pos[None, :] < start + sink,
+                            (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= start + sink))
+            visible = row_live[:, None] & k_live[None, :] & seen & (k_pos[None, :] <= q_pos[:, None])
+            m_i, l_i = _lse_update(m_i, l_i, s, visible)
+        if largest > 1:
+            tl.debug_barrier()
+            for c0 in range(0, HALVES, CHUNK):
+                half = c0 + tl.arange(0, CHUNK)
+                a, z, k_pos, k_live = _halves(groups, half, k_len, NSEL_P2, BK, BK_P2, CHUNK)
+                s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                            softcap_log2, SOFTCAP, PRECISION)
+                weight = tl.reshape(tl.broadcast_to(tl.log2(tl.maximum(z - a, 1).to(tl.float32))[:, None],
+                                                    [CHUNK, BK_P2]), [CHUNK * BK_P2])
+                visible = (row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None] - window)
+                           & (k_pos[None, :] >= start + sink))
+                m_i, l_i = _lse_update(m_i, l_i, s + weight[None, :], visible)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
     while largest > 1:
         tl.debug_barrier()
         # A runtime loop (short compile); with STAGES > 1 the next chunk's keys load while this chunk is scored.
         for c0 in tl.range(0, HALVES, CHUNK, num_stages=STAGES):
             half = c0 + tl.arange(0, CHUNK)
-            gs = tl.load(groups + half // 2)
-            ge = tl.load(groups + NSEL_P2 + half // 2)
-            mid = gs + (ge - gs + 1) // 2
-            a = tl.where(half % 2 == 0, gs, mid)
-            z = tl.where(half % 2 == 0, mid, ge)
-            rep = tl.maximum(a + z - 1, 0) // 2
-            k_pos = tl.reshape(rep[:, None] * BK + t[None, :], [CHUNK * BK_P2])
-            k_live = tl.reshape((t[None, :] < BK) & (z > a)[:, None], [CHUNK * BK_P2]) & (k_pos < k_len)
-            k_ptrs = kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd
-            k_tile = tl.load(k_ptrs, mask=k_live[:, None] & (d[None, :] < DIM), other=0.0)
-            s = _scores(q_tile, k_tile, score_scale, softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+            a, z, k_pos, k_live = _halves(groups, half, k_len, NSEL_P2, BK, BK_P2, CHUNK)
+            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
             visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
             best = tl.max(tl.reshape(tl.max(tl.where(visible, s, -1e30), axis=0), [CHUNK, BK_P2]), axis=1)
             tl.store(scores_ptr + half, tl.where(z > a, best, float("-inf")))

@@ -50,8 +50,8 @@ class HipConfig(MethodConfig):
     # Decode steps between two searches; 1 searches at every step.
     refresh_interval: int = 8
     shared_kv_heads: bool = True
-    # How a half is ranked: "probability" = max over the scored queries of (logit - that query's log-sum-exp over sink
-    # and window), an estimate of the softmax probability the key would get; "logit" = the paper's raw max of q.k.
+    # How a half is ranked: "probability" = max over the scored queries of the softmax probability the key would get
+    # (logit minus an estimate of the query's log-sum-exp; see kernels/hip_mask.py); "logit" = the paper's raw q.k.
     score: str = "probability"
 
     def validate(self):
