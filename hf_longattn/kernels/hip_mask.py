@@ -90,16 +90,13 @@ def _scaled(scores: torch.Tensor, scale: float, softcap: float | None) -> torch.
     return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
 
-def _local_lse(q_sel, keys, q_pos, q_live, kv_start, sink, window, block_size_q, scale, softcap) -> torch.Tensor:
+def _local_lse(q_sel, keys, q_pos, q_live, start, sink, window, block_size_q, scale, softcap) -> torch.Tensor:
     """[B, H, nQB, R]: each scored query's log-sum-exp over the sink and its sliding window (-inf where it sees none).
 
-    That is the part of the query's softmax mass every pattern keeps, so q.k minus it estimates the probability a
-    key would get: comparable across queries and heads, unlike raw q.k (a head with large logits everywhere would
-    otherwise choose for the whole GQA group).
+    That is the part of the query's softmax mass every pattern keeps; `_sampled_lse` estimates the candidates' part.
     """
     batch, heads, n_qb, rows, dim = q_sel.shape
     k_len, device = keys.shape[2], keys.device
-    start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
     sink_pos = start.view(-1, 1) + torch.arange(sink, device=device)  # [B, sink]
     # Every window of a block lies in the `window + block_size_q - 1` keys that end at its last query.
     span = window + block_size_q - 1 if window else 0
@@ -139,6 +136,7 @@ def hip_mask_reference(
     are the attention's own.
     """
     _check_inputs(query, key, k, block_size_k)
+    _check_score(score)
     batch, num_q_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
@@ -157,13 +155,12 @@ def hip_mask_reference(
     kv_head = torch.arange(heads, device=device) // (num_q_heads // num_kv_heads // per_head)
     keys = key.float()[:, kv_head]  # [B, H, Lk, D]; a view-free gather only over heads
     scale = dim**-0.5 if scale is None else scale
-    _check_score(score)
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
     lse = torch.zeros(q_sel.shape[:-1], device=device)  # [B, H, nQB, R]
     if score == "probability":
         for c0 in range(0, n_qb, 64):  # a few query blocks at a time bound the local score table
             c = slice(c0, min(n_qb, c0 + 64))
-            lse[:, :, c] = _local_lse(q_sel[:, :, c], keys, q_pos[c], q_live[c], kv_start, sink, window, block_size_q,
+            lse[:, :, c] = _local_lse(q_sel[:, :, c], keys, q_pos[c], q_live[c], start, sink, window, block_size_q,
                                       scale, softcap)
 
     lo, hi = candidate_block_range(batch, q_len, k_len, block_size_q, block_size_k, sink, window, kv_start, device)
@@ -211,9 +208,9 @@ def hip_mask_reference(
     return SparsePattern(ids.to(torch.int32), counts.to(torch.int32), block_size_q, block_size_k, sink, window)
 
 
-# Launch settings of the Triton kernel. A prefill runs thousands of programs (batch x heads x query blocks); a decode
-# step runs one per (batch, head), so its latency wants wider tiles and more warps. Measured on an H200 at 128K
-# (benchmarks/bench_hip.py --sweep, results in benchmarks/results/hip_bench.md).
+# Launch settings of the Triton kernel, for a prefill (thousands of programs: batch x heads x query blocks) and a
+# decode step (one program per batch row and head). The fastest of a sweep on an H200 at 128K won both
+# (benchmarks/results/hip_mask_sweep_h200.log).
 LAUNCH_SETTINGS = {
     "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2},
     "decode": {"tile_keys": 64, "num_warps": 4, "stages": 2},
