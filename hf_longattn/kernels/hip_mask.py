@@ -13,9 +13,9 @@ of the query's log-sum-exp - the log of the softmax probability the key would ge
 of the sink and the query's window to the candidates' mass sampled by the first round's representatives, each
 weighted by the size of its half (a stratified sample; no extra key is read). Raw logits are not comparable across
 queries and heads: one head with large logits everywhere picks the blocks for its whole group. On SmolLM2 passkey
-prompts (2K, a 512-token budget, 20 prompts) an exhaustive top-k of 2-token blocks found 1 passkey by raw max logit,
-16 by max probability with the exact log-sum-exp and 16 with this estimate; dense found 12
-(benchmarks/results/hip_selection_study.md).
+prompts (2K, a 512-token budget, 20 prompts) an exhaustive top-k of 2-token blocks found 8 passkeys by raw max logit,
+12 by max probability with only the sink + window mass, 16 with the exact log-sum-exp and 16 with this estimate;
+dense found 13 (benchmarks/results/hip_selection_study.md).
 
 `hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs the whole search for one
 (batch, head, query block) in one Triton program (hip_mask_kernel.py, imported on first use so that importing the
