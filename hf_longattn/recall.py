@@ -15,6 +15,7 @@ import math
 import torch
 
 from .kernels import SparsePattern, sparse_attention
+from .kernels.dense import attention_logits
 from .models import decoder_attention_modules
 from .patch import patched
 
@@ -38,9 +39,7 @@ def causal_lse(
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * num_q_heads * k_len))
     for r0 in range(0, q_len, rows):
         r1 = min(q_len, r0 + rows)
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, r0:r1], k) * scale
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
+        scores = attention_logits(torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, r0:r1], k), scale, softcap)
         q_pos = torch.arange(r0, r1, device=query.device).view(-1, 1) + (k_len - q_len)
         visible = (k_pos <= q_pos) & (k_pos >= start.view(-1, 1, 1))  # [B, rows, Lk]
         scores = scores.masked_fill(~visible.view(batch, 1, 1, r1 - r0, k_len), -math.inf)

@@ -16,6 +16,12 @@ import torch.nn.functional as F
 _MAX_SCORE_ELEMENTS = 1 << 26
 
 
+def attention_logits(qk: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention logits from q.k: scaled, then passed through Gemma 2's tanh softcap when there is one."""
+    logits = qk * scale
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def visibility_mask(
     q_len: int, k_len: int, kv_start: torch.Tensor | None, window: int | None, device, q_rows: slice | None = None
 ) -> torch.Tensor:
@@ -88,8 +94,7 @@ def _softcapped_attention(query, key, value, scale, softcap, kv_start, window, m
             visible = visibility_mask(q_len, k_len, kv_start, window, query.device, q_rows=rows)
         else:
             visible = None
-        scores = torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, rows], k) * scale
-        scores = softcap * torch.tanh(scores / softcap)
+        scores = attention_logits(torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, rows], k), scale, softcap)
         if visible is not None:
             scores = scores.masked_fill(~visible.unsqueeze(2), -math.inf)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .dense import attention_logits
 from .ops import HAS_TRITON
 from .pattern import SparsePattern, query_block_ranges
 
@@ -84,12 +85,6 @@ def _check_score(score: str) -> None:
         raise ValueError(f"score={score!r} is not one of {SCORES}")
 
 
-def _scaled(scores: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-    """Attention logits from q.k: scale, then Gemma 2's softcap when there is one."""
-    scores = scores * scale
-    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
-
-
 def _local_lse(q_sel, keys, q_pos, q_live, start, sink, window, block_size_q, scale, softcap) -> torch.Tensor:
     """[B, H, nQB, R]: each scored query's log-sum-exp over the sink and its sliding window (-inf where it sees none).
 
@@ -104,7 +99,7 @@ def _local_lse(q_sel, keys, q_pos, q_live, start, sink, window, block_size_q, sc
     positions = torch.cat([sink_pos.unsqueeze(1).expand(-1, n_qb, -1), win_pos.expand(batch, -1, -1)], -1)
     k_vec = torch.gather(keys, 2, positions.clamp(0, k_len - 1).flatten(1).view(batch, 1, -1, 1)
                          .expand(-1, heads, -1, dim)).view(batch, heads, n_qb, -1, dim)
-    s = _scaled(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel, k_vec), scale, softcap)
+    s = attention_logits(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel, k_vec), scale, softcap)
     pos, qp, first = positions.view(batch, 1, n_qb, 1, -1), q_pos.view(1, 1, n_qb, -1, 1), start.view(-1, 1, 1, 1, 1)
     in_sink = torch.arange(positions.shape[-1], device=device) < sink
     visible = torch.where(in_sink, pos < first + sink, (pos > qp - window) & (pos >= first + sink))
@@ -184,8 +179,8 @@ def hip_mask_reference(
             rep = (half_start[:, :, c] + half_end[:, :, c] - 1).clamp(min=0) // 2
             k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, 2n * bk]
             k_vec = torch.gather(keys, 2, k_pos.clamp(max=k_len - 1).flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim))
-            s = torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim))
-            s = _scaled(s, scale, softcap)
+            s = attention_logits(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim)),
+                                 scale, softcap)
             causal = k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)
             visible = causal & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
             if first_round and score == "probability":

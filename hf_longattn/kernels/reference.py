@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .dense import attention_logits
 from .pattern import SparsePattern
 
 # Upper bound on the score elements materialised at once (B x Hq x blocks x block_size_q x keys).
@@ -102,9 +103,7 @@ def sparse_attention_reference(
         keys = k_flat.index_select(0, flat_idx).view(*shape, -1, head_dim)
         values = v_flat.index_select(0, flat_idx).view(*shape, -1, value.shape[-1])
 
-        scores = torch.einsum("bhgqtd,bhqnd->bhgqtn", q[:, :, :, c0:c1], keys) * scale
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
+        scores = attention_logits(torch.einsum("bhgqtd,bhqnd->bhgqtn", q[:, :, :, c0:c1], keys), scale, softcap)
         scores.masked_fill_(~visible.unsqueeze(2), -math.inf)
         row_max = scores.amax(-1, keepdim=True).clamp_min(-1e30)  # finite even for a query that sees no key
         probs = scores.sub_(row_max).exp_()
