@@ -190,9 +190,9 @@ def sweep_rows(args, device, results, save):
         for cfg in SWEEP:
             row = {"context": k_len, "pattern": kind, **cfg}
             try:
-                row["packed_ms"] = bench_ms(lambda: sparse_prefill(q, k, v, pattern, HEAD_DIM**-0.5, None, None, cfg))
+                row["packed_ms"] = bench_ms(lambda: sparse_prefill(q, k, v, pattern, HEAD_DIM**-0.5, None, None, config=cfg))
                 row["per_query_head_ms"] = bench_ms(
-                    lambda: sparse_prefill(q, k, v, per_q_head, HEAD_DIM**-0.5, None, None, cfg))
+                    lambda: sparse_prefill(q, k, v, per_q_head, HEAD_DIM**-0.5, None, None, config=cfg))
             except Exception as e:  # a config that does not fit the chip (shared memory) is a result too
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             results["sweep"].append(row)

@@ -144,6 +144,35 @@ def test_full_coverage_is_dense_attention(coverage, q_len):
     torch.testing.assert_close(out, dense_attention(q, k, v, kv_start=kv_start), **FP32_TOL)
 
 
+def _placed_queries_mask(q_len, k_len, q_offset, kv_start):
+    """Boolean [B, 1, Lq, Lk]: query i of row b sits at q_offset[b] + i and sees the existing keys up to it."""
+    q_pos = q_offset.view(-1, 1, 1, 1) + torch.arange(q_len, device=DEVICE).view(1, 1, -1, 1)
+    k_pos = torch.arange(k_len, device=DEVICE).view(1, 1, 1, -1)
+    return (k_pos <= q_pos) & (k_pos >= kv_start.view(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("q_len", [40, 3])  # prefill kernel, decode kernel
+@pytest.mark.parametrize("offsets", [(20, 27), (70, 70), (0, 95)], ids=["static-cache", "past-the-keys", "mixed"])
+def test_q_offset_places_the_queries(offsets, q_len, backend):
+    """Queries at given positions (a static cache's empty tail; keys all in the past): a covering pattern is dense
+    attention under the mask those positions imply."""
+    q, k, v = qkv(2, 4, 2, q_len, 70, 16)
+    q_offset, kv_start = torch.tensor(offsets, device=DEVICE), KV_START.to(DEVICE)
+    pattern = random_pattern(2, 2, q_len, 70, 16, 16, 2, sink=3, window=1 << 20)
+    out = sparse_attention(q, k, v, pattern, kv_start=kv_start, q_offset=q_offset, backend=backend)
+    expected = dense_attention(q, k, v, mask=_placed_queries_mask(q_len, 70, q_offset, kv_start))
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+
+
+@pytest.mark.parametrize("q_len", [48, 5])
+@pytest.mark.parametrize("offsets", [(10, 33), (96, 120)], ids=["inside", "past-the-keys"])
+def test_q_offset_kernels_match_reference(offsets, q_len):
+    q, k, v = qkv(2, 4, 2, q_len, 96, 16)
+    pattern = random_pattern(2, 2, q_len, 96, 16, 16, 4, sink=4, window=24)
+    assert_matches_reference(q, k, v, pattern, kv_start=KV_START.to(DEVICE), q_offset=torch.tensor(offsets, device=DEVICE))
+
+
 def test_query_that_sees_no_key_gets_zero_and_minus_inf():
     q, k, v = qkv(1, 4, 2, 40, 40, 16)
     pattern = random_pattern(1, 2, 40, 40, 16, 16, 2, sink=2, window=8)
@@ -181,6 +210,8 @@ def test_bad_inputs_name_the_problem():
         sparse_attention(torch.cat([q, q], 2), k, v, random_pattern(1, 2, 16, 8, 8, 8, 1))
     with pytest.raises(ValueError, match="kv_start"):
         sparse_attention(q, k, v, pattern, kv_start=torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="q_offset must be a \\[B\\]"):
+        sparse_attention(q, k, v, pattern, q_offset=torch.tensor([0, 1], device=DEVICE))
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         sparse_attention(q.double(), k.double(), v.double(), pattern, backend="triton")
 

@@ -15,14 +15,17 @@ __all__ = ["SparsePattern", "window_pattern", "sparse_attention", "sparse_attent
 
 def sparse_attention(
     query, key, value, pattern: SparsePattern, scale=None, softcap=None, kv_start=None, return_lse=False,
-    backend: str = "auto",
+    backend: str = "auto", q_offset=None,
 ):
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D] (and lse [B, Hq, Lq] if asked).
+
+    ``kv_start`` [B]: each row's first valid key (left padding). ``q_offset`` [B]: each row's first query position
+    (default: the queries are the last Lq keys); see pattern.py.
 
     ``backend``: "auto" (Triton for CUDA tensors when triton is installed, the PyTorch reference otherwise),
     "triton" (also on CPU tensors under TRITON_INTERPRET=1, for tests) or "reference".
     """
     return ops.sparse_attention(
         query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=return_lse,
-        backend=backend,
+        backend=backend, q_offset=q_offset,
     )

@@ -30,7 +30,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_inputs(query, key, value, pattern: SparsePattern, kv_start) -> None:
+def check_inputs(query, key, value, pattern: SparsePattern, kv_start, q_offset=None) -> None:
     """Raise a clear error for inputs the kernels cannot take."""
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
         raise ValueError(
@@ -43,10 +43,14 @@ def check_inputs(query, key, value, pattern: SparsePattern, kv_start) -> None:
             f"key/value {tuple(key.shape)} do not match query {tuple(query.shape)}: same batch and head_dim, and the "
             "number of query heads must be a multiple of the number of key/value heads"
         )
-    if q_len > key.shape[2]:
-        raise ValueError(f"{q_len} queries but only {key.shape[2]} keys: queries are the last Lq of the Lk keys")
+    if q_offset is None and q_len > key.shape[2]:
+        raise ValueError(f"{q_len} queries but only {key.shape[2]} keys: queries are the last Lq of the Lk keys "
+                         "(pass q_offset to place them elsewhere)")
     if kv_start is not None and tuple(kv_start.shape) != (batch,):
         raise ValueError(f"kv_start must be a [B] = [{batch}] tensor of first valid key positions, got {tuple(kv_start.shape)}")
+    if q_offset is not None and (tuple(q_offset.shape) != (batch,) or q_offset.dtype.is_floating_point):
+        raise ValueError(f"q_offset must be a [B] = [{batch}] integer tensor of first query positions, got "
+                         f"{tuple(q_offset.shape)} {q_offset.dtype}")
     pattern.validate(batch, num_q_heads, key.shape[1], q_len)
 
 
@@ -57,7 +61,7 @@ def _triton_kernels():
     return triton_prefill, triton_decode
 
 
-def _triton_attention(query, key, value, pattern, scale, softcap, kv_start):
+def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset):
     prefill, decode = _triton_kernels()
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {query.dtype}")
@@ -71,15 +75,16 @@ def _triton_attention(query, key, value, pattern, scale, softcap, kv_start):
             pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens,
         )
     run = decode.sparse_decode if decode.use_decode(pattern, query.shape[2]) else prefill.sparse_prefill
-    return run(query, key, value, pattern, scale, softcap, kv_start)
+    return run(query, key, value, pattern, scale, softcap, kv_start, q_offset)
 
 
-def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend):
+def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset=None):
     """(out [B, Lq, Hq, D], lse [B, Hq, Lq]) from the chosen backend; inputs already checked."""
     if resolve_backend(backend, query.device) == "triton":
-        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start)
+        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset)
     return sparse_attention_reference(
-        query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=True
+        query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=True,
+        q_offset=q_offset,
     )
 
 
@@ -87,16 +92,16 @@ def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, b
 def sparse_attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     block_indices: torch.Tensor, block_counts: torch.Tensor, kv_start: torch.Tensor | None,
-    block_size_q: int, block_size_k: int, sink_tokens: int, window_tokens: int,
+    q_offset: torch.Tensor | None, block_size_q: int, block_size_k: int, sink_tokens: int, window_tokens: int,
     scale: float, softcap: float | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = SparsePattern(block_indices, block_counts, block_size_q, block_size_k, sink_tokens, window_tokens)
-    out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend)
+    out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset)
     return out.contiguous(), lse.contiguous()
 
 
 @sparse_attention_op.register_fake
-def _(query, key, value, block_indices, block_counts, kv_start, block_size_q, block_size_k, sink_tokens,
+def _(query, key, value, block_indices, block_counts, kv_start, q_offset, block_size_q, block_size_k, sink_tokens,
       window_tokens, scale, softcap, backend):
     batch, num_q_heads, q_len, head_dim = query.shape
     out = query.new_empty(batch, q_len, num_q_heads, head_dim)
@@ -105,17 +110,20 @@ def _(query, key, value, block_indices, block_counts, kv_start, block_size_q, bl
 
 
 def sparse_attention(query, key, value, pattern, scale=None, softcap=None, kv_start=None, return_lse=False,
-                     backend="auto"):
-    check_inputs(query, key, value, pattern, kv_start)
+                     backend="auto", q_offset=None):
+    check_inputs(query, key, value, pattern, kv_start, q_offset)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
     softcap = None if softcap is None else float(softcap)
     if kv_start is not None:
         kv_start = kv_start.to(device=query.device)
+    if q_offset is not None:
+        q_offset = q_offset.to(device=query.device)
     if torch.compiler.is_compiling():
         out, lse = sparse_attention_op(
-            query, key, value, pattern.block_indices, pattern.block_counts, kv_start, pattern.block_size_q,
-            pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens, scale, softcap, backend,
+            query, key, value, pattern.block_indices, pattern.block_counts, kv_start, q_offset,
+            pattern.block_size_q, pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens, scale, softcap,
+            backend,
         )
     else:
-        out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend)
+        out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset)
     return (out, lse) if return_lse else out

@@ -1,15 +1,18 @@
 """The one contract between the methods (who choose keys) and the kernels (who attend to them).
 
-A query at absolute position p (queries are the last Lq positions of the Lk keys, so p = Lk - Lq + i) sees the union
-of three disjoint key regions, each further limited by causality (key position <= p) and by the sequence's valid
-range (key position >= kv_start[b], for left padding):
+A query at absolute position p (queries are the last Lq positions of the Lk keys, p = Lk - Lq + i, unless the caller
+passes ``q_offset[b]``, the position of row b's first query: p = q_offset[b] + i) sees the union of three disjoint key
+regions, each further limited by causality (key position <= p), by the keys that exist (position < Lk) and by the
+sequence's valid range (key position >= kv_start[b], for left padding):
 
 * sink:     [kv_start, kv_start + sink_tokens)
 * window:   [max(sink_end, p - window_tokens + 1), p]
 * selected: the key blocks listed for the query's block, minus the sink and window tokens.
 
 The regions are a partition, so a method may list a block that overlaps the sink or the window: no key is counted
-twice. A pattern whose window covers the whole context is exact dense attention.
+twice. A pattern whose window covers the whole context is exact dense attention. ``q_offset`` serves a static cache
+whose tail is still empty (queries before the end: the empty keys lie in their future) and attention to keys that
+all lie in the queries' past (q_offset >= Lk: every listed key is visible, a non-causal block).
 """
 
 from __future__ import annotations

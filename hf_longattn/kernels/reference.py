@@ -19,12 +19,13 @@ _MAX_SCORE_ELEMENTS = 1 << 25
 
 
 def _region_positions(pattern: SparsePattern, kv_start: torch.Tensor, block_first_q: torch.Tensor, rows: int, k_len: int):
-    """Candidate key positions of the three regions, each [B|1, H|1, nQB|1, n]."""
+    """Candidate key positions of the three regions, each [B|1, H|1, nQB|1, n]; block_first_q is [B, nQB]."""
     device = pattern.block_indices.device
     sink = kv_start.view(-1, 1, 1, 1) + torch.arange(min(pattern.sink_tokens, k_len), device=device)
-    window_len = min(pattern.window_tokens, k_len)
-    win_len = window_len + rows - 1 if window_len > 0 else 0
-    window = (block_first_q - window_len + 1).view(1, 1, -1, 1) + torch.arange(win_len, device=device)
+    # A block's windows lie in [first query - window + 1, last query], of which at most k_len keys exist.
+    win_len = min(pattern.window_tokens + rows - 1, k_len) if pattern.window_tokens > 0 else 0
+    window_lo = (block_first_q - pattern.window_tokens + 1).clamp(min=0)
+    window = window_lo.unsqueeze(1).unsqueeze(-1) + torch.arange(win_len, device=device)
     offsets = torch.arange(pattern.block_size_k, device=device)
     selected = (pattern.block_indices.long().unsqueeze(-1) * pattern.block_size_k + offsets).flatten(-2)
     return sink, window, selected
@@ -39,8 +40,10 @@ def sparse_attention_reference(
     softcap: float | None = None,
     kv_start: torch.Tensor | None = None,
     return_lse: bool = False,
+    q_offset: torch.Tensor | None = None,
 ):
-    """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] (queries are the last Lq positions).
+    """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D]; queries are the last Lq positions, or start at the absolute
+    positions ``q_offset`` [B] (see pattern.py).
 
     Returns out [B, Lq, Hq, D] in query's dtype, and with ``return_lse`` the natural-log log-sum-exp [B, Hq, Lq]
     (float32; -inf for a query that sees no key, whose output is 0).
@@ -67,12 +70,13 @@ def sparse_attention_reference(
     v_flat = value.float().reshape(batch * num_kv_heads * k_len, value.shape[-1])
     base = ((torch.arange(batch, device=device).view(-1, 1) * num_kv_heads + kv_head_of) * k_len).view(batch, heads, 1, 1)
 
-    qb_first = torch.arange(n_qb, device=device) * bq + (k_len - q_len)
-    q_pos = qb_first.view(-1, 1) + torch.arange(bq, device=device)  # [nQB, bq]
+    offset = torch.full((batch,), k_len - q_len, device=device) if q_offset is None else q_offset.to(device).long()
+    qb_first = offset.view(-1, 1) + torch.arange(n_qb, device=device) * bq  # [B, nQB]
+    q_pos = qb_first.unsqueeze(-1) + torch.arange(bq, device=device)  # [B, nQB, bq]
     sink_end = (kv_start + pattern.sink_tokens).view(batch, 1, 1, 1, 1)
 
     n_keys = min(pattern.sink_tokens, k_len) + pattern.max_blocks * pattern.block_size_k
-    n_keys += min(pattern.window_tokens, k_len) + bq - 1 if pattern.window_tokens > 0 else 0
+    n_keys += min(pattern.window_tokens + bq - 1, k_len) if pattern.window_tokens > 0 else 0
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * num_q_heads * bq * max(n_keys, 1)))
 
     block_slot = torch.arange(pattern.max_blocks, device=device).repeat_interleave(pattern.block_size_k)
@@ -84,19 +88,19 @@ def sparse_attention_reference(
             pattern.block_indices[:, :, c0:c1], pattern.block_counts[:, :, c0:c1], pattern.block_size_q, pattern.block_size_k,
             pattern.sink_tokens, pattern.window_tokens,
         )
-        sink, window, selected = _region_positions(sub, kv_start, qb_first[c0:c1], bq, k_len)
+        sink, window, selected = _region_positions(sub, kv_start, qb_first[:, c0:c1], bq, k_len)
         nc = c1 - c0
         shape = (batch, heads, nc)
         positions = torch.cat([sink.expand(*shape, -1), selected.expand(*shape, -1), window.expand(*shape, -1)], -1)
 
         # Per-token membership of each region, broadcast over as few dims as it depends on; the three regions
-        # partition the visible keys (causality also bounds them by the key length).
-        qp = q_pos[c0:c1].view(1, 1, nc, bq, 1)
+        # partition the visible keys, and only keys that exist count (queries may lie past the last key).
+        qp = q_pos[:, c0:c1].view(batch, 1, nc, bq, 1)
         sink_kp, sel_kp, win_kp = sink.unsqueeze(-2), selected.unsqueeze(-2), window.unsqueeze(-2)
-        vis_sink = sink_kp <= qp
+        vis_sink = (sink_kp <= qp) & (sink_kp < k_len)
         live = (block_slot < sub.block_counts.unsqueeze(-1)).unsqueeze(-2)
-        vis_sel = live & (sel_kp <= qp - pattern.window_tokens) & (sel_kp >= sink_end)  # window >= 0: causal too
-        vis_win = (win_kp > qp - pattern.window_tokens) & (win_kp <= qp) & (win_kp >= sink_end)
+        vis_sel = live & (sel_kp <= qp - pattern.window_tokens) & (sel_kp >= sink_end) & (sel_kp < k_len)
+        vis_win = (win_kp > qp - pattern.window_tokens) & (win_kp <= qp) & (win_kp >= sink_end) & (win_kp < k_len)
         visible = torch.cat([v.expand(*shape, bq, -1) for v in (vis_sink, vis_sel, vis_win)], -1)
 
         flat_idx = (base + positions.clamp(0, k_len - 1)).reshape(-1)

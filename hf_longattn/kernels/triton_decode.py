@@ -24,7 +24,7 @@ MAX_DECODE_QUERIES = 16
     "q_len", "k_len", "tiles_per_split", "num_splits",
 ])
 def _sparse_decode_split_kernel(
-    Q, K, V, PartOut, PartLse, BlockIdx, BlockCnt, KvStart,
+    Q, K, V, PartOut, PartLse, BlockIdx, BlockCnt, KvStart, QOffset,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -33,16 +33,19 @@ def _sparse_decode_split_kernel(
     score_scale, softcap_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, KV_GROUP: tl.constexpr, BK: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_START: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_PAD * Q_PAD
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
     ph = bh % num_heads
-    offset = k_len - q_len
+    offset = k_len - q_len  # queries are the last q_len keys, unless the caller places them
+    if HAS_Q_OFFSET:
+        offset = tl.load(QOffset + b).to(tl.int32)
     q_first = offset
-    q_last = k_len - 1
+    q_last = offset + q_len - 1
+    key_last = k_len - 1  # queries placed past the last key see no further
 
     offs_m = tl.arange(0, BLOCK_M)
     head = ph * G + offs_m // Q_PAD
@@ -66,10 +69,10 @@ def _sparse_decode_split_kernel(
     idx_row = BlockIdx + b.to(tl.int64) * stride_ib + ph * stride_ih
     n_tokens = tl.load(BlockCnt + b.to(tl.int64) * stride_cb + ph * stride_ch) * BK
     win_lo = tl.maximum(sink_end, q_first - window_tokens + 1)
-    win_hi = tl.where(window_tokens > 0, q_last, win_lo - 1)
+    win_hi = tl.where(window_tokens > 0, tl.minimum(q_last, key_last), win_lo - 1)
 
     # One list of key tiles: sink tiles, then the selected tokens, then the window tiles.
-    n_sink = tl.cdiv(tl.maximum(tl.minimum(sink_end, q_last + 1) - kv_start, 0), BLOCK_N)
+    n_sink = tl.cdiv(tl.maximum(tl.minimum(sink_end, tl.minimum(q_last, key_last) + 1) - kv_start, 0), BLOCK_N)
     n_selected = tl.cdiv(n_tokens, BLOCK_N)
     n_window = tl.cdiv(tl.maximum(win_hi - win_lo + 1, 0), BLOCK_N)
     n_tiles = n_sink + n_selected + n_window
@@ -90,6 +93,7 @@ def _sparse_decode_split_kernel(
         # The region's own rule per token (pattern.py), with causality.
         lo = tl.where(in_sink, kv_start, tl.where(in_selected, sink_end, tl.maximum(sink_end, q_pos - window_tokens + 1)))
         hi = tl.where(in_sink, tl.minimum(sink_end - 1, q_pos), tl.where(in_selected, q_pos - window_tokens, q_pos))
+        hi = tl.minimum(hi, key_last)
         visible = (pos[None, :] >= lo[:, None]) & (pos[None, :] <= hi[:, None])
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
@@ -154,7 +158,8 @@ def use_decode(pattern, q_len: int) -> bool:
     return q_len <= MAX_DECODE_QUERIES and pattern.num_query_blocks == 1
 
 
-def sparse_decode(query, key, value, pattern, scale: float, softcap: float | None, kv_start, config: dict | None = None):
+def sparse_decode(query, key, value, pattern, scale: float, softcap: float | None, kv_start, q_offset=None,
+                  config: dict | None = None):
     """query [B, Hq, Lq <= 16, D] in one query block -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
     batch, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
@@ -180,13 +185,14 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
     score_scale, softcap_log2 = score_scaling(scale, softcap)
     _sparse_decode_split_kernel[(splits, batch * heads)](
         query, key, value, part_out, part_lse, idx, cnt, kv_start if kv_start is not None else cnt,
+        q_offset if q_offset is not None else cnt,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *idx.stride()[:2], *cnt.stride()[:2],
         heads, q_len, k_len, pattern.sink_tokens, pattern.window_tokens, tiles_per_split, splits,
         score_scale, softcap_log2,
         G=group, G_PAD=g_pad, KV_GROUP=num_q_heads // num_kv_heads, BK=pattern.block_size_k,
         HEAD_DIM=head_dim, D_PAD=d_pad, Q_PAD=q_pad, BLOCK_N=block_n,
-        HAS_KV_START=kv_start is not None, SOFTCAP=softcap is not None, PRECISION=dot_precision(query.dtype),
-        **cfg,
+        HAS_KV_START=kv_start is not None, HAS_Q_OFFSET=q_offset is not None, SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(query.dtype), **cfg,
     )
     out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)

@@ -76,7 +76,7 @@ def _key_range(
     "stride_ch", "q_len", "k_len", "tiles_per_qblock",
 ])
 def _sparse_prefill_kernel(
-    Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart,
+    Q, K, V, Out, Lse, BlockIdx, BlockCnt, KvStart, QOffset,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
@@ -87,7 +87,7 @@ def _sparse_prefill_kernel(
     score_scale, softcap_log2,
     G: tl.constexpr, G_PAD: tl.constexpr, KV_GROUP: tl.constexpr, BK: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KV_START: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_PAD * BLOCK_Q
     tile = tl.program_id(0)
@@ -97,9 +97,12 @@ def _sparse_prefill_kernel(
     qblock = tile // tiles_per_qblock
     q0 = qblock * block_size_q + (tile % tiles_per_qblock) * BLOCK_Q  # first query row of this tile
     q_stop = tl.minimum((qblock + 1) * block_size_q, q_len)  # end of this query block
-    offset = k_len - q_len  # queries are the last q_len keys
+    offset = k_len - q_len  # queries are the last q_len keys, unless the caller places them
+    if HAS_Q_OFFSET:
+        offset = tl.load(QOffset + b).to(tl.int32)
     q_first = q0 + offset
     q_last = tl.minimum(q0 + BLOCK_Q, q_stop) - 1 + offset
+    key_last = k_len - 1  # queries placed past the last key see no further
 
     # Rows of the tile: G query heads x BLOCK_Q queries.
     offs_m = tl.arange(0, BLOCK_M)
@@ -107,6 +110,7 @@ def _sparse_prefill_kernel(
     q_idx = q0 + offs_m % BLOCK_Q
     row_ok = (offs_m // BLOCK_Q < G) & (q_idx < q_stop)
     q_pos = tl.minimum(q_idx + offset, q_last)  # padded rows borrow a real position (never stored)
+    q_see = tl.minimum(q_pos, key_last)  # the last key each row may see
     offs_d = tl.arange(0, D_PAD)
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -128,14 +132,14 @@ def _sparse_prefill_kernel(
 
     # 1. Sink: [kv_start, sink_end), causal. Small, always masked.
     acc, m_i, l_i = _key_range(
-        acc, m_i, l_i, q, k_base, v_base, kv_start, tl.minimum(sink_end, q_last + 1),
-        tl.zeros_like(q_pos) + kv_start, tl.minimum(q_pos, sink_end - 1), offs_n, offs_d, stride_kl, stride_vl, k_len, score_scale, softcap_log2,
-        HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
+        acc, m_i, l_i, q, k_base, v_base, kv_start, tl.minimum(sink_end, tl.minimum(q_last, key_last) + 1),
+        tl.zeros_like(q_pos) + kv_start, tl.minimum(q_see, sink_end - 1), offs_n, offs_d, stride_kl, stride_vl, k_len,
+        score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
 
     # 2. Listed blocks, minus the sink and the window: key t is visible to the query at p iff sink_end <= t <= p - W.
     idx_row = BlockIdx + b.to(tl.int64) * stride_ib + ph * stride_ih + qblock * stride_iq
     count = tl.load(BlockCnt + b.to(tl.int64) * stride_cb + ph * stride_ch + qblock)
-    selected_hi = q_first - window_tokens  # tiles wholly at or below this (and above the sink) need no mask
+    selected_hi = tl.minimum(q_first - window_tokens, key_last)  # tiles wholly in [sink_end, this] need no mask
     if BK % BLOCK_N == 0:
         TILES_PER_BLOCK: tl.constexpr = BK // BLOCK_N
         for i in range(0, count * TILES_PER_BLOCK):
@@ -144,7 +148,7 @@ def _sparse_prefill_kernel(
             k, v = _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM, D_PAD)
             s = _scores(q, k, score_scale, softcap_log2, SOFTCAP, PRECISION)
             if (start < sink_end) | (start + BLOCK_N - 1 > selected_hi):
-                visible = (pos[None, :] >= sink_end) & (pos[None, :] <= q_pos[:, None] - window_tokens)
+                visible = (pos[None, :] >= sink_end) & (pos[None, :] <= tl.minimum(q_pos - window_tokens, key_last)[:, None])
                 s = tl.where(visible, s, float("-inf"))
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
     else:
@@ -157,29 +161,29 @@ def _sparse_prefill_kernel(
             pos = tl.where(live, pos, -1)
             k, v = _load_kv(k_base, v_base, pos, offs_d, stride_kl, stride_vl, k_len, HEAD_DIM, D_PAD)
             s = _scores(q, k, score_scale, softcap_log2, SOFTCAP, PRECISION)
-            visible = (pos[None, :] >= sink_end) & (pos[None, :] <= q_pos[:, None] - window_tokens)
+            visible = (pos[None, :] >= sink_end) & (pos[None, :] <= tl.minimum(q_pos - window_tokens, key_last)[:, None])
             s = tl.where(visible, s, float("-inf"))
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
     # 3. Window: [max(sink_end, p - W + 1), p], walked in tiles from its lowest key. Only the first tiles (below
     # some rows' windows) and the last ones (crossing the diagonal) need the mask: three loops, no branch inside.
     win_lo = tl.maximum(sink_end, q_first - window_tokens + 1)
-    win_stop = tl.where(window_tokens > 0, q_last + 1, win_lo)
+    win_stop = tl.where(window_tokens > 0, tl.minimum(q_last, key_last) + 1, win_lo)
     full_lo = tl.maximum(sink_end, q_last - window_tokens + 1)  # a tile starting here or later is in every window...
     first_full = win_lo + tl.cdiv(tl.maximum(full_lo - win_lo, 0), BLOCK_N) * BLOCK_N
-    span = q_first + 1 - first_full  # ...if it also ends at or before the first row's diagonal
+    span = tl.minimum(q_first, key_last) + 1 - first_full  # ...if it also ends before every row's last key
     end_full = first_full + tl.where(span >= BLOCK_N, span // BLOCK_N, 0) * BLOCK_N
     first_full = tl.minimum(first_full, win_stop)
     end_full = tl.minimum(end_full, win_stop)
     row_lo = tl.maximum(sink_end, q_pos - window_tokens + 1)
     acc, m_i, l_i = _key_range(
-        acc, m_i, l_i, q, k_base, v_base, win_lo, first_full, row_lo, q_pos, offs_n, offs_d, stride_kl, stride_vl,
+        acc, m_i, l_i, q, k_base, v_base, win_lo, first_full, row_lo, q_see, offs_n, offs_d, stride_kl, stride_vl,
         k_len, score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
     acc, m_i, l_i = _key_range(
-        acc, m_i, l_i, q, k_base, v_base, first_full, end_full, row_lo, q_pos, offs_n, offs_d, stride_kl, stride_vl,
+        acc, m_i, l_i, q, k_base, v_base, first_full, end_full, row_lo, q_see, offs_n, offs_d, stride_kl, stride_vl,
         k_len, score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, False)
     acc, m_i, l_i = _key_range(
-        acc, m_i, l_i, q, k_base, v_base, end_full, win_stop, row_lo, q_pos, offs_n, offs_d, stride_kl, stride_vl,
+        acc, m_i, l_i, q, k_base, v_base, end_full, win_stop, row_lo, q_see, offs_n, offs_d, stride_kl, stride_vl,
         k_len, score_scale, softcap_log2, HEAD_DIM, D_PAD, BLOCK_N, SOFTCAP, PRECISION, True)
 
     # A query that saw no key (left padding) gets 0 and lse -inf.
@@ -204,7 +208,8 @@ def default_prefill_config(head_dim: int, element_size: int = 2) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def sparse_prefill(query, key, value, pattern, scale: float, softcap: float | None, kv_start, config: dict | None = None):
+def sparse_prefill(query, key, value, pattern, scale: float, softcap: float | None, kv_start, q_offset=None,
+                   config: dict | None = None):
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
     batch, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
@@ -227,14 +232,15 @@ def sparse_prefill(query, key, value, pattern, scale: float, softcap: float | No
     grid = (pattern.num_query_blocks * tiles_per_qblock, batch * heads)
     _sparse_prefill_kernel[grid](
         query, key, value, out, lse, idx, cnt, kv_start if kv_start is not None else cnt,
+        q_offset if q_offset is not None else cnt,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
         *idx.stride()[:3], *cnt.stride()[:2],
         heads, q_len, k_len, pattern.block_size_q, tiles_per_qblock, pattern.sink_tokens, pattern.window_tokens,
         score_scale, softcap_log2,
         G=group, G_PAD=g_pad, KV_GROUP=num_q_heads // num_kv_heads, BK=pattern.block_size_k,
         HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q, BLOCK_N=block_n,
-        HAS_KV_START=kv_start is not None, SOFTCAP=softcap is not None, PRECISION=dot_precision(query.dtype),
-        **cfg,
+        HAS_KV_START=kv_start is not None, HAS_Q_OFFSET=q_offset is not None, SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(query.dtype), **cfg,
     )
     return out, lse
 

@@ -28,11 +28,17 @@ class AttentionCall:
     # Per-layer memory across calls of one sequence (e.g. a decode refresh schedule). It is emptied whenever a call
     # does not continue the previous one (new prompt, new generate()), so a method never sees stale state.
     state: dict = field(default_factory=dict)
+    # [B] absolute position of each row's first query, when the key tensor is longer than the keys seen so far (a
+    # static cache read under torch.compile, where its real length is a device tensor). None: the queries are the
+    # last Lq of the Lk keys. Only methods with `supports_query_offset` receive a value; the others run dense there.
+    q_offset: torch.Tensor | None = None
 
 
 class SparseMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # True when select()/attend() honour AttentionCall.q_offset (sizes from the key tensor, positions from q_offset).
+    supports_query_offset: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -43,4 +49,5 @@ class SparseMethod:
     def attend(self, query, key, value, call: AttentionCall) -> torch.Tensor:
         """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> [B, Lq, Hq, D]."""
         pattern = self.select(query, key, call)
-        return sparse_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap, kv_start=call.kv_start)
+        return sparse_attention(query, key, value, pattern, scale=call.scale, softcap=call.softcap,
+                                kv_start=call.kv_start, q_offset=call.q_offset)
