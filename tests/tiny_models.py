@@ -52,3 +52,14 @@ def assert_prefill_matches_unpatched(model, method: str, options: dict, **tolera
             logits = model(ids, attention_mask=mask).logits
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], reference[valid], **tolerance)
+
+
+# Options under which each method's selection covers every key of the tiny test contexts (<= 128 tokens), so that it
+# must reproduce the unpatched model exactly. A new method adds its entry here and joins every exactness test.
+FULL_BUDGET = {
+    "dense": {},
+    "streaming": {"sink": 0, "window": 1 << 20, "block_size_q": 16},
+    "blocktopk": {"k": 256, "block_size_q": 8, "block_size_k": 8, "sink": 2, "window": 4},
+    "hip": {"k": 128, "block_size_q": 8, "block_size_k": 2, "query_stride": 2, "sink": 2, "window": 4,
+            "refresh_interval": 1},
+}
