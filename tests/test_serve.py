@@ -298,3 +298,11 @@ def test_hf_longattn_serve_command_with_part_of_the_model_offloaded(served, tmp_
         process.terminate()
         process.wait(timeout=60)
         log.close()
+
+
+def test_the_package_and_its_command_line_import_no_server_library():
+    code = ("import sys, hf_longattn, hf_longattn.eval.cli as cli; cli._parser(); "
+            "print([m for m in ('fastapi', 'uvicorn', 'starlette', 'pydantic') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
