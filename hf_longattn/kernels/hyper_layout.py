@@ -1,0 +1,192 @@
+"""Where HyperAttention's parts sit: the causal recursion, each level's sorted layout, and the patterns over them.
+
+The causal recursion (the paper's Algorithm 4): a node [start, end) of the sequence splits at ``mid`` into two halves
+that recurse, plus the off-diagonal pair - queries [mid, end) against keys [start, mid), all in the queries' past -
+that the unmasked algorithm (sortLSH block-diagonal + sampled residual) approximates. A node whose left half would be
+shorter than ``min_seq_len`` is a leaf, attended exactly. ``mid`` is the first block boundary at or after the middle,
+so every left half is whole blocks and at least as long as its right half.
+
+One level of the recursion runs as one batched call per part. Its layout puts every pair's left keys, sorted by LSH
+bucket, one after the other (whole blocks per pair) and gives each pair as many query *slots*: the pair's queries,
+sorted the same way, take the slots at their rank's quantile (slot = rank x keys / queries), so that slot block j meets
+key block j, as the paper's equal-quantile blocks do when a pair has fewer queries than keys. Empty slots hold some
+query whose output is never read. Left padding: padding keys sort first in their pair (bucket -1), so in the level's
+key order they are a prefix the kernels drop through ``kv_start``; padding queries sort last and get no slot.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from .hyper_lsh import counter_hash, sort_within_segments
+from .pattern import SparsePattern
+
+
+@dataclass(frozen=True)
+class CausalTree:
+    # [start, end) spans attended exactly (causal), in order.
+    leaves: tuple[tuple[int, int], ...]
+    # Per depth, (start, mid, end) for every pair: queries [mid, end) attend to keys [start, mid).
+    levels: tuple[tuple[tuple[int, int, int], ...], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def causal_tree(length: int, min_seq_len: int, block: int) -> CausalTree:
+    """The recursion over [0, length); node starts are multiples of ``block`` (min_seq_len is a multiple of it)."""
+    leaves, levels, nodes = [], [], [(0, length)]
+    while nodes:  # one round per depth, about log2(length / min_seq_len) of them
+        pairs, children = [], []
+        for start, end in nodes:
+            mid = start + -(-(end - start) // (2 * block)) * block
+            if mid - start < min_seq_len or mid >= end:
+                leaves.append((start, end))
+            else:
+                pairs.append((start, mid, end))
+                children += [(start, mid), (mid, end)]
+        if pairs:
+            levels.append(tuple(pairs))
+        nodes = children
+    return CausalTree(tuple(sorted(leaves)), tuple(levels))
+
+
+def leaf_pattern(tree: CausalTree, q_len: int, k_len: int, block: int, batch: int, heads: int, device) -> SparsePattern:
+    """Exact causal attention inside each leaf: query block j lists the key blocks from its leaf's start to itself.
+    The queries are the last q_len positions and start on a block boundary."""
+    starts = torch.tensor([s for s, _ in tree.leaves], device=device)
+    first_query = k_len - q_len + torch.arange(0, q_len, block, device=device)
+    own_block = first_query // block
+    first_block = starts[torch.searchsorted(starts, first_query, right=True) - 1] // block
+    counts = own_block - first_block + 1
+    max_blocks = max(-(-(e - s) // block) for s, e in tree.leaves)
+    ids = first_block.unsqueeze(-1) + torch.arange(max_blocks, device=device)
+    ids = torch.where(torch.arange(max_blocks, device=device) < counts.unsqueeze(-1), ids, 0)
+    shape = (batch, heads, len(first_query))
+    return SparsePattern(ids.to(torch.int32).expand(*shape, max_blocks), counts.to(torch.int32).expand(shape),
+                         block, block)
+
+
+@dataclass
+class LevelLayout:
+    """One level of the recursion in sorted order (see the module docstring). K = the level's keys = its slots."""
+
+    key_index: torch.Tensor  # [B, Hkv, K] key position in each sorted place
+    query_source: torch.Tensor  # [B, Hq, K] row of the query tensor in each slot
+    query_rows: torch.Tensor  # [R] rows of the query tensor that this level serves
+    query_slot: torch.Tensor  # [B, Hq, R] slot of each of those rows
+    query_live: torch.Tensor | None  # [B, R] False for left-padding queries (their slot means nothing); None: all live
+    kv_start: torch.Tensor | None  # [B] number of padding keys, which lead the level's key order; None: no padding
+    pair_of_slot: torch.Tensor  # [K] pair of each slot / key place
+    pair_offset: torch.Tensor  # [P] first slot of each pair
+    pair_keys: torch.Tensor  # [P] keys (= slots) of each pair, whole blocks
+    pair_start: torch.Tensor  # [P] absolute position of each pair's first key (names the pair for sampling)
+    max_pair_keys: int  # keys of the longest pair
+
+    @property
+    def num_slots(self) -> int:
+        return self.pair_of_slot.shape[0]
+
+
+def _segments(lengths: torch.Tensor, total: int):
+    """(segment id of each of `total` places, offset of each segment, index of each place within its segment)."""
+    offsets = torch.cumsum(lengths, 0) - lengths
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=total)
+    return segment, offsets, torch.arange(total, device=lengths.device) - offsets[segment]
+
+
+def level_layout(q_buckets: torch.Tensor, k_buckets: torch.Tensor, pairs, q_start: int,
+                 kv_start: torch.Tensor | None, bits: int) -> LevelLayout:
+    """The sorted layout of one level. q_buckets [B, Hq, Lq] (the queries are positions q_start..), k_buckets
+    [B, Hkv, Lk], LSH buckets in [0, 2**bits); pairs: (start, mid, end) whose right half holds some query row."""
+    device = k_buckets.device
+    num_pairs = len(pairs)
+    start, mid, end = torch.tensor(pairs, device=device, dtype=torch.long).unbind(-1)
+
+    # Keys: each pair's left half, padding keys first (bucket -1 -> 0), then by bucket.
+    n_keys = mid - start
+    total = sum(m - s for s, m, _ in pairs)
+    pair_of_slot, offset, place = _segments(n_keys, total)
+    key_pos = start[pair_of_slot] + place
+    buckets = k_buckets.index_select(-1, key_pos) + 1
+    if kv_start is not None:
+        kv_start = kv_start.to(device=device, dtype=torch.long)
+        buckets = buckets.masked_fill(key_pos < kv_start.view(-1, 1, 1), 0)
+    key_index = key_pos[sort_within_segments(buckets, pair_of_slot, bits + 1, num_pairs)]
+    level_kv_start = None
+    if kv_start is not None:
+        level_kv_start = (kv_start.view(-1, 1) - start).clamp(min=0).minimum(n_keys).sum(1)
+
+    # Queries: each pair's right half from the first row the query tensor holds, padding queries last.
+    first = mid.clamp(min=q_start)
+    n_rows = end - first
+    pair_of_row, row_offset, row_place = _segments(n_rows, sum(e - max(m, q_start) for _, m, e in pairs))
+    row_pos = first[pair_of_row] + row_place
+    query_rows = row_pos - q_start
+    buckets = q_buckets.index_select(-1, query_rows)
+    live = n_live = None
+    if kv_start is not None:
+        live = row_pos >= kv_start.view(-1, 1)  # [B, R]
+        buckets = buckets.masked_fill(~live.unsqueeze(1), 1 << bits)
+        n_live = (end - torch.maximum(first, kv_start.view(-1, 1))).clamp(min=0).unsqueeze(1)  # [B, 1, P]
+    else:
+        n_live = n_rows.view(1, 1, -1)
+    order = sort_within_segments(buckets, pair_of_row, bits + 1, num_pairs)  # [B, Hq, R]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
+    rank = rank - row_offset[pair_of_row]
+    live_of_row = n_live[..., pair_of_row].clamp(min=1)
+    slot = offset[pair_of_row] + rank * n_keys[pair_of_row] // live_of_row
+    query_slot = slot.clamp(max=total - 1)  # padding queries (rank >= live) point anywhere; they are masked
+
+    # The row in each slot: slot t of a pair holds rank ceil(t * live / keys) when that rank maps back to t.
+    place_rank = (place * n_live[..., pair_of_slot] + n_keys[pair_of_slot] - 1) // n_keys[pair_of_slot]
+    place_rank = place_rank.minimum(n_rows[pair_of_slot] - 1) + row_offset[pair_of_slot]
+    query_source = query_rows[order.gather(-1, place_rank.expand(order.shape[0], order.shape[1], total))]
+    return LevelLayout(key_index, query_source, query_rows, query_slot, live, level_kv_start, pair_of_slot, offset,
+                       n_keys, start, max(m - s for s, m, _ in pairs))
+
+
+def block_diagonal_pattern(layout: LevelLayout, block: int, batch: int, heads: int) -> SparsePattern:
+    """Slot block j attends to sorted key block j (pairs are whole blocks, so no block straddles two pairs)."""
+    n_blocks = layout.num_slots // block
+    ids = torch.arange(n_blocks, device=layout.key_index.device, dtype=torch.int32).view(1, 1, n_blocks, 1)
+    return SparsePattern(ids.expand(batch, heads, n_blocks, 1), torch.ones_like(ids[..., 0]).expand(batch, heads, n_blocks),
+                         block, block)
+
+
+def sampled_pattern(layout: LevelLayout, block: int, sample_size: int, seed: int, layer_idx: int, batch: int,
+                    heads: int) -> tuple[SparsePattern, torch.Tensor]:
+    """The residual's key sample: (pattern with one-token key blocks, log importance weight [K] of each slot).
+
+    Each pair's keys (sorted order) are cut into ceil(keys / stride) strata of ``stride = ceil(keys / sample_size)``
+    places and one place is drawn uniformly from each, per kv head: every key is drawn with probability 1 / stride,
+    so the sum over the sample times ``stride`` is an unbiased estimate of the sum over all keys (the paper's uniform
+    sample has the same weight keys / sample_size; strata make the draws distinct, as the kernel contract asks, and
+    spread them over the buckets). A slot block lists the sample minus the keys of its own key block, which the
+    block-diagonal part already counts exactly. The draws are `counter_hash(seed, layer, pair start, kv head,
+    stratum)`: fixed by the seed, the layer, where the pair starts and its length, on every device.
+    """
+    device = layout.key_index.device
+    n_keys = layout.pair_keys
+    stride = -(-n_keys // sample_size)
+    strata = -(-n_keys // stride)
+    width = min(sample_size, layout.max_pair_keys)  # strata of the longest pair; shorter ones have fewer
+    t = torch.arange(width, device=device)
+    draw = counter_hash(seed, layer_idx, layout.pair_start.view(1, -1, 1), torch.arange(heads, device=device).view(-1, 1, 1),
+                        t)  # [H, P, width], uniform in [0, 2**32)
+    place = t * stride.view(-1, 1) + ((draw * stride.view(-1, 1)) >> 32)
+    drawn = (t < strata.view(-1, 1)) & (place < n_keys.view(-1, 1))
+
+    block_pair = layout.pair_of_slot[::block]  # pair of each slot block
+    own = torch.arange(len(block_pair), device=device) - layout.pair_offset[block_pair] // block
+    place, drawn = place[:, block_pair], drawn[:, block_pair]  # [H, blocks, width]
+    keep = drawn & (place // block != own.view(-1, 1))
+    order = torch.sort((~keep).int(), dim=-1, stable=True).indices  # kept draws first, still ascending
+    ids = (layout.pair_offset[block_pair].view(-1, 1) + place).gather(-1, order)
+    counts = keep.sum(-1)
+    ids = torch.where(t < counts.unsqueeze(-1), ids, 0).to(torch.int32)
+    pattern = SparsePattern(ids.unsqueeze(0).expand(batch, *ids.shape), counts.to(torch.int32).unsqueeze(0).expand(batch, -1, -1),
+                            block, 1)
+    log_weight = stride.double().log().float()[layout.pair_of_slot]
+    return pattern, log_weight
