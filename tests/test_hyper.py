@@ -1,17 +1,23 @@
 """HyperAttention: config, LSH and Gray order, the causal recursion, the sorted layout, the whole method against a
 naive statement of the algorithm, the sampled residual's unbiasedness, exactness where it must be exact, the model."""
 
+import functools
 import math
+import os
 from statistics import NormalDist
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported (the kernels import it lazily)
+
+import hf_longattn.methods.hyper as hyper_module
 from hf_longattn import ConfigError, patch_model, patched
-from hf_longattn.kernels import dense_attention
+from hf_longattn.kernels import dense_attention, sparse_attention
 from hf_longattn.kernels.dense import attention_logits
-from hf_longattn.kernels.hyper_layout import causal_tree, level_layout
+from hf_longattn.kernels.hyper_layout import causal_tree, level_geometry, level_layout
 from hf_longattn.kernels.hyper_lsh import counter_hash, gray_rank, lsh_buckets, lsh_projections, sort_within_segments
 from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.hyper import Hyper, HyperConfig, merge_by_lse
@@ -126,7 +132,7 @@ def test_layout_sorts_each_pair_and_gives_each_live_query_its_own_slot():
     qb, kb = lsh_buckets(q, planes), lsh_buckets(k, planes)
     kv_start = torch.tensor([0, 61])
     pairs = causal_tree(100, 16, 8).levels[0]  # (0, 56, 100): 56 keys, queries 48.. of which 56.. are in the pair
-    layout = level_layout(qb, kb, pairs, 48, kv_start, 3)
+    layout = level_layout(qb, kb, level_geometry(pairs, 48, torch.device("cpu")), kv_start, 3)
     for b, start in enumerate(kv_start.tolist()):
         for h in range(2):
             keys = layout.key_index[b, h].tolist()
@@ -134,7 +140,7 @@ def test_layout_sorts_each_pair_and_gives_each_live_query_its_own_slot():
             assert keys[: len(pads)] == pads and sorted(keys) == list(range(56))
             real = keys[len(pads):]
             assert [kb[b, h, j] for j in real] == sorted(kb[b, h, j] for j in real)
-    rows = layout.query_rows.tolist()
+    rows = layout.geometry.query_rows.tolist()
     assert rows == list(range(8, 52))  # positions 56..99
     live = layout.query_live
     assert live[0].all() and live[1].tolist() == [56 + i >= 61 for i in range(44)]
@@ -142,8 +148,9 @@ def test_layout_sorts_each_pair_and_gives_each_live_query_its_own_slot():
         for h in range(4):
             slots = layout.query_slot[b, h][live[b]]
             assert slots.unique().numel() == slots.numel()  # one slot per live query
-            assert torch.equal(layout.query_source[b, h][slots], layout.query_rows[live[b]])
-            by_rank = slots[torch.argsort(qb[b, h][layout.query_rows[live[b]]], stable=True)]
+            served = layout.geometry.query_rows[live[b]]
+            assert torch.equal(layout.query_source[b, h][slots], served)
+            by_rank = slots[torch.argsort(qb[b, h][served], stable=True)]
             assert torch.all(by_rank.diff() > 0)  # sorted queries take ascending slots (quantiles)
 
 
@@ -207,6 +214,30 @@ def test_method_matches_the_naive_algorithm(q_len, padded, softcap, sample_size)
         torch.testing.assert_close(out, dense_attention(q, k, v, softcap=softcap, kv_start=kv_start), **TOL)
 
 
+def test_triton_kernels_run_the_parts_as_the_reference_does(monkeypatch):
+    q, k, v = _qkv(q_len=64, k_len=64)
+    call = _call(kv_start=torch.tensor([0, 21]), softcap=3.0)
+    method = Hyper(HyperConfig(**dict(SMALL, sample_size=4)))
+    reference = method.attend(q, k, v, call)
+    monkeypatch.setattr(hyper_module, "sparse_attention", functools.partial(sparse_attention, backend="triton"))
+    torch.testing.assert_close(method.attend(q, k, v, call), reference, **TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_realistic_shapes(dtype, monkeypatch):
+    """Llama-3-8B heads at 8K with smaller recursion leaves: covering sample = dense; default sample = reference."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, 8192, 128, device="cuda", dtype=dtype, generator=gen) for h in (32, 8, 8))
+    call, tol = _call(dim=128), (dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-3))
+    covering = Hyper(HyperConfig(min_seq_len=1024, block_size=128, sample_size=1 << 20, last_layers="all"))
+    torch.testing.assert_close(covering.attend(q, k, v, call), dense_attention(q, k, v), **tol)
+    method = Hyper(HyperConfig(min_seq_len=1024, block_size=128, last_layers="all"))
+    out = method.attend(q, k, v, call)
+    monkeypatch.setattr(hyper_module, "sparse_attention", functools.partial(sparse_attention, backend="reference"))
+    torch.testing.assert_close(out, method.attend(q, k, v, call), **tol)
+
+
 def test_decode_and_unaligned_calls_are_exact_dense():
     q, k, v = _qkv(q_len=5, k_len=100)
     method = Hyper(HyperConfig(**dict(SMALL, sample_size=2)))
@@ -248,7 +279,8 @@ def test_sampled_residual_is_an_unbiased_estimate_of_the_mass_outside_the_own_bl
     pairs = causal_tree(128, 64, 8).levels[0]
     assert pairs == ((0, 64, 128),)
     planes = lsh_projections(0, 0, 8, 3)
-    layout = level_layout(lsh_buckets(q, planes), lsh_buckets(k, planes), pairs, 0, None, 3)
+    layout = level_layout(lsh_buckets(q, planes), lsh_buckets(k, planes), level_geometry(pairs, 0, torch.device("cpu")),
+                          None, 3)
     qs, ks, vs = Hyper.sorted_inputs(q, k, v, layout)
     call, seeds = _call(dim=8), 200
     estimates = []

@@ -52,41 +52,44 @@ def causal_tree(length: int, min_seq_len: int, block: int) -> CausalTree:
     return CausalTree(tuple(sorted(leaves)), tuple(levels))
 
 
+@functools.lru_cache(maxsize=16)
+def _leaf_blocks(tree: CausalTree, q_len: int, k_len: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.tensor([s for s, _ in tree.leaves], device=device)
+    first_query = k_len - q_len + torch.arange(0, q_len, block, device=device)
+    first_block = starts[torch.searchsorted(starts, first_query, right=True) - 1] // block
+    counts = first_query // block - first_block + 1
+    max_blocks = max(-(-(e - s) // block) for s, e in tree.leaves)
+    slot = torch.arange(max_blocks, device=device)
+    ids = torch.where(slot < counts.unsqueeze(-1), first_block.unsqueeze(-1) + slot, 0)
+    return ids.to(torch.int32), counts.to(torch.int32)
+
+
 def leaf_pattern(tree: CausalTree, q_len: int, k_len: int, block: int, batch: int, heads: int, device) -> SparsePattern:
     """Exact causal attention inside each leaf: query block j lists the key blocks from its leaf's start to itself.
     The queries are the last q_len positions and start on a block boundary."""
-    starts = torch.tensor([s for s, _ in tree.leaves], device=device)
-    first_query = k_len - q_len + torch.arange(0, q_len, block, device=device)
-    own_block = first_query // block
-    first_block = starts[torch.searchsorted(starts, first_query, right=True) - 1] // block
-    counts = own_block - first_block + 1
-    max_blocks = max(-(-(e - s) // block) for s, e in tree.leaves)
-    ids = first_block.unsqueeze(-1) + torch.arange(max_blocks, device=device)
-    ids = torch.where(torch.arange(max_blocks, device=device) < counts.unsqueeze(-1), ids, 0)
-    shape = (batch, heads, len(first_query))
-    return SparsePattern(ids.to(torch.int32).expand(*shape, max_blocks), counts.to(torch.int32).expand(shape),
-                         block, block)
+    ids, counts = _leaf_blocks(tree, q_len, k_len, block, torch.device(device))
+    return SparsePattern(ids.expand(batch, heads, *ids.shape), counts.expand(batch, heads, -1), block, block)
 
 
 @dataclass
-class LevelLayout:
-    """One level of the recursion in sorted order (see the module docstring). K = the level's keys = its slots."""
+class LevelGeometry:
+    """What a level's layout needs that depends only on its pairs and the query range (cached: every layer of a
+    forward reuses it, and building it copies from the host)."""
 
-    key_index: torch.Tensor  # [B, Hkv, K] key position in each sorted place
-    query_source: torch.Tensor  # [B, Hq, K] row of the query tensor in each slot
-    query_rows: torch.Tensor  # [R] rows of the query tensor that this level serves
-    query_slot: torch.Tensor  # [B, Hq, R] slot of each of those rows
-    query_live: torch.Tensor | None  # [B, R] False for left-padding queries (their slot means nothing); None: all live
-    kv_start: torch.Tensor | None  # [B] number of padding keys, which lead the level's key order; None: no padding
-    pair_of_slot: torch.Tensor  # [K] pair of each slot / key place
-    pair_offset: torch.Tensor  # [P] first slot of each pair
-    pair_keys: torch.Tensor  # [P] keys (= slots) of each pair, whole blocks
-    pair_start: torch.Tensor  # [P] absolute position of each pair's first key (names the pair for sampling)
-    max_pair_keys: int  # keys of the longest pair
-
-    @property
-    def num_slots(self) -> int:
-        return self.pair_of_slot.shape[0]
+    start: torch.Tensor  # [P] first key of each pair
+    n_keys: torch.Tensor  # [P] keys (= slots) of each pair, whole blocks
+    offset: torch.Tensor  # [P] first key place / slot of each pair
+    pair_of_slot: torch.Tensor  # [K]
+    place: torch.Tensor  # [K] index of each key place within its pair
+    key_pos: torch.Tensor  # [K] unsorted key position of each place
+    first_row: torch.Tensor  # [P] first position of each pair's right half that the query tensor holds
+    end: torch.Tensor  # [P]
+    n_rows: torch.Tensor  # [P] those positions per pair
+    row_offset: torch.Tensor  # [P]
+    pair_of_row: torch.Tensor  # [R]
+    row_pos: torch.Tensor  # [R] position of each of the level's query rows
+    query_rows: torch.Tensor  # [R] their rows in the query tensor
+    max_pair_keys: int
 
 
 def _segments(lengths: torch.Tensor, total: int):
@@ -96,55 +99,72 @@ def _segments(lengths: torch.Tensor, total: int):
     return segment, offsets, torch.arange(total, device=lengths.device) - offsets[segment]
 
 
-def level_layout(q_buckets: torch.Tensor, k_buckets: torch.Tensor, pairs, q_start: int,
-                 kv_start: torch.Tensor | None, bits: int) -> LevelLayout:
-    """The sorted layout of one level. q_buckets [B, Hq, Lq] (the queries are positions q_start..), k_buckets
-    [B, Hkv, Lk], LSH buckets in [0, 2**bits); pairs: (start, mid, end) whose right half holds some query row."""
-    device = k_buckets.device
-    num_pairs = len(pairs)
+@functools.lru_cache(maxsize=64)
+def level_geometry(pairs: tuple, q_start: int, device) -> LevelGeometry:
+    """pairs: (start, mid, end) of one level whose right half holds some query row (position >= q_start)."""
     start, mid, end = torch.tensor(pairs, device=device, dtype=torch.long).unbind(-1)
+    n_keys = mid - start
+    pair_of_slot, offset, place = _segments(n_keys, sum(m - s for s, m, _ in pairs))
+    first_row = mid.clamp(min=q_start)
+    n_rows = end - first_row
+    pair_of_row, row_offset, row_place = _segments(n_rows, sum(e - max(m, q_start) for _, m, e in pairs))
+    row_pos = first_row[pair_of_row] + row_place
+    return LevelGeometry(start, n_keys, offset, pair_of_slot, place, start[pair_of_slot] + place, first_row, end,
+                         n_rows, row_offset, pair_of_row, row_pos, row_pos - q_start, max(m - s for s, m, _ in pairs))
+
+
+@dataclass
+class LevelLayout:
+    """One level of the recursion in sorted order (see the module docstring). K = the level's keys = its slots."""
+
+    geometry: LevelGeometry
+    key_index: torch.Tensor  # [B, Hkv, K] key position in each sorted place
+    query_source: torch.Tensor  # [B, Hq, K] row of the query tensor in each slot
+    query_slot: torch.Tensor  # [B, Hq, R] slot of each of the level's query rows (geometry.query_rows)
+    query_live: torch.Tensor | None  # [B, R] False for left-padding queries (their slot means nothing); None: all live
+    kv_start: torch.Tensor | None  # [B] number of padding keys, which lead the level's key order; None: no padding
+
+    @property
+    def num_slots(self) -> int:
+        return self.geometry.pair_of_slot.shape[0]
+
+
+def level_layout(q_buckets: torch.Tensor, k_buckets: torch.Tensor, geometry: LevelGeometry,
+                 kv_start: torch.Tensor | None, bits: int) -> LevelLayout:
+    """The sorted layout of one level: q_buckets [B, Hq, Lq], k_buckets [B, Hkv, Lk], LSH buckets in [0, 2**bits)."""
+    g = geometry
+    num_pairs, total = len(g.start), g.pair_of_slot.shape[0]
 
     # Keys: each pair's left half, padding keys first (bucket -1 -> 0), then by bucket.
-    n_keys = mid - start
-    total = sum(m - s for s, m, _ in pairs)
-    pair_of_slot, offset, place = _segments(n_keys, total)
-    key_pos = start[pair_of_slot] + place
-    buckets = k_buckets.index_select(-1, key_pos) + 1
+    buckets = k_buckets.index_select(-1, g.key_pos) + 1
     if kv_start is not None:
-        kv_start = kv_start.to(device=device, dtype=torch.long)
-        buckets = buckets.masked_fill(key_pos < kv_start.view(-1, 1, 1), 0)
-    key_index = key_pos[sort_within_segments(buckets, pair_of_slot, bits + 1, num_pairs)]
+        kv_start = kv_start.to(device=k_buckets.device, dtype=torch.long)
+        buckets = buckets.masked_fill(g.key_pos < kv_start.view(-1, 1, 1), 0)
+    key_index = g.key_pos[sort_within_segments(buckets, g.pair_of_slot, bits + 1, num_pairs)]
     level_kv_start = None
     if kv_start is not None:
-        level_kv_start = (kv_start.view(-1, 1) - start).clamp(min=0).minimum(n_keys).sum(1)
+        level_kv_start = (kv_start.view(-1, 1) - g.start).clamp(min=0).minimum(g.n_keys).sum(1)
 
-    # Queries: each pair's right half from the first row the query tensor holds, padding queries last.
-    first = mid.clamp(min=q_start)
-    n_rows = end - first
-    pair_of_row, row_offset, row_place = _segments(n_rows, sum(e - max(m, q_start) for _, m, e in pairs))
-    row_pos = first[pair_of_row] + row_place
-    query_rows = row_pos - q_start
-    buckets = q_buckets.index_select(-1, query_rows)
-    live = n_live = None
+    # Queries: each pair's right half, padding queries last (bucket 2**bits), then slots by quantile of rank.
+    buckets = q_buckets.index_select(-1, g.query_rows)
+    live = None
+    n_live = g.n_rows.view(1, 1, -1)
     if kv_start is not None:
-        live = row_pos >= kv_start.view(-1, 1)  # [B, R]
+        live = g.row_pos >= kv_start.view(-1, 1)  # [B, R]
         buckets = buckets.masked_fill(~live.unsqueeze(1), 1 << bits)
-        n_live = (end - torch.maximum(first, kv_start.view(-1, 1))).clamp(min=0).unsqueeze(1)  # [B, 1, P]
-    else:
-        n_live = n_rows.view(1, 1, -1)
-    order = sort_within_segments(buckets, pair_of_row, bits + 1, num_pairs)  # [B, Hq, R]
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=device).expand_as(order))
-    rank = rank - row_offset[pair_of_row]
-    live_of_row = n_live[..., pair_of_row].clamp(min=1)
-    slot = offset[pair_of_row] + rank * n_keys[pair_of_row] // live_of_row
+        n_live = (g.end - torch.maximum(g.first_row, kv_start.view(-1, 1))).clamp(min=0).unsqueeze(1)  # [B, 1, P]
+    order = sort_within_segments(buckets, g.pair_of_row, bits + 1, num_pairs)  # [B, Hq, R]
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    rank = rank - g.row_offset[g.pair_of_row]
+    slot = g.offset[g.pair_of_row] + rank * g.n_keys[g.pair_of_row] // n_live[..., g.pair_of_row].clamp(min=1)
     query_slot = slot.clamp(max=total - 1)  # padding queries (rank >= live) point anywhere; they are masked
 
-    # The row in each slot: slot t of a pair holds rank ceil(t * live / keys) when that rank maps back to t.
-    place_rank = (place * n_live[..., pair_of_slot] + n_keys[pair_of_slot] - 1) // n_keys[pair_of_slot]
-    place_rank = place_rank.minimum(n_rows[pair_of_slot] - 1) + row_offset[pair_of_slot]
-    query_source = query_rows[order.gather(-1, place_rank.expand(order.shape[0], order.shape[1], total))]
-    return LevelLayout(key_index, query_source, query_rows, query_slot, live, level_kv_start, pair_of_slot, offset,
-                       n_keys, start, max(m - s for s, m, _ in pairs))
+    # The row in each slot: slot t of a pair holds rank ceil(t * live / keys) (empty slots: some row of the pair).
+    keys = g.n_keys[g.pair_of_slot]
+    place_rank = (g.place * n_live[..., g.pair_of_slot] + keys - 1) // keys
+    place_rank = place_rank.minimum(g.n_rows[g.pair_of_slot] - 1) + g.row_offset[g.pair_of_slot]
+    query_source = g.query_rows[order.gather(-1, place_rank.expand(order.shape[0], order.shape[1], total))]
+    return LevelLayout(geometry, key_index, query_source, query_slot, live, level_kv_start)
 
 
 def block_diagonal_pattern(layout: LevelLayout, block: int, batch: int, heads: int) -> SparsePattern:
@@ -167,26 +187,27 @@ def sampled_pattern(layout: LevelLayout, block: int, sample_size: int, seed: int
     block-diagonal part already counts exactly. The draws are `counter_hash(seed, layer, pair start, kv head,
     stratum)`: fixed by the seed, the layer, where the pair starts and its length, on every device.
     """
-    device = layout.key_index.device
-    n_keys = layout.pair_keys
+    g = layout.geometry
+    device = g.start.device
+    n_keys = g.n_keys
     stride = -(-n_keys // sample_size)
     strata = -(-n_keys // stride)
-    width = min(sample_size, layout.max_pair_keys)  # strata of the longest pair; shorter ones have fewer
+    width = min(sample_size, g.max_pair_keys)  # strata of the longest pair; shorter ones have fewer
     t = torch.arange(width, device=device)
-    draw = counter_hash(seed, layer_idx, layout.pair_start.view(1, -1, 1), torch.arange(heads, device=device).view(-1, 1, 1),
+    draw = counter_hash(seed, layer_idx, g.start.view(1, -1, 1), torch.arange(heads, device=device).view(-1, 1, 1),
                         t)  # [H, P, width], uniform in [0, 2**32)
     place = t * stride.view(-1, 1) + ((draw * stride.view(-1, 1)) >> 32)
     drawn = (t < strata.view(-1, 1)) & (place < n_keys.view(-1, 1))
 
-    block_pair = layout.pair_of_slot[::block]  # pair of each slot block
-    own = torch.arange(len(block_pair), device=device) - layout.pair_offset[block_pair] // block
+    block_pair = g.pair_of_slot[::block]  # pair of each slot block
+    own = torch.arange(len(block_pair), device=device) - g.offset[block_pair] // block
     place, drawn = place[:, block_pair], drawn[:, block_pair]  # [H, blocks, width]
     keep = drawn & (place // block != own.view(-1, 1))
     order = torch.sort((~keep).int(), dim=-1, stable=True).indices  # kept draws first, still ascending
-    ids = (layout.pair_offset[block_pair].view(-1, 1) + place).gather(-1, order)
+    ids = (g.offset[block_pair].view(-1, 1) + place).gather(-1, order)
     counts = keep.sum(-1)
     ids = torch.where(t < counts.unsqueeze(-1), ids, 0).to(torch.int32)
     pattern = SparsePattern(ids.unsqueeze(0).expand(batch, *ids.shape), counts.to(torch.int32).unsqueeze(0).expand(batch, -1, -1),
                             block, 1)
-    log_weight = stride.double().log().float()[layout.pair_of_slot]
+    log_weight = stride.double().log().float()[g.pair_of_slot]
     return pattern, log_weight

@@ -55,9 +55,9 @@ def counter_hash(*fields) -> torch.Tensor:
     """Pseudo-random int64 in [0, 2**32) from integer fields (ints or broadcastable int tensors): the same value for
     the same fields on every device, and independent of any other draw."""
     h = torch.as_tensor(0x2545F491, dtype=torch.long)
-    for value in fields:
+    for value in fields:  # ints stay CPU scalars, which combine with device tensors without a host-device copy
         value = torch.as_tensor(value, dtype=torch.long)
-        h = mix32(mix32(h.to(value.device) ^ value) ^ (value >> 32))
+        h = mix32(mix32(h ^ value) ^ (value >> 32))
     return h
 
 

@@ -12,7 +12,7 @@ diagonals (queries and keys gathered into sorted order, query block j -> key blo
 that nothing is causally masked) and one for all samples (one-token key blocks).
 
 Stages a benchmark can time one by one: `Hyper.buckets` (hashing), `level_layout` + `Hyper.sorted_inputs` (sorting
-and gathering), `Hyper.leaves`, `Hyper.block_diagonal`, `Hyper.residual`, `Hyper.merge_level`.
+and gathering; `level_geometry` is shape-only and cached), `Hyper.leaves`, `Hyper.block_diagonal`, `Hyper.residual`, `Hyper.merge_level`.
 
 What this version fixes or changes in the reference implementation (insuhan/hyper-attn):
 * Sampled keys inside a query's own block were counted twice on GPUs (block part + residual): they are excluded.
@@ -41,7 +41,7 @@ import torch
 from ..config import ConfigError, MethodConfig, non_negative, positive
 from ..kernels import dense_attention, sparse_attention
 from ..kernels.hyper_layout import (
-    LevelLayout, block_diagonal_pattern, causal_tree, leaf_pattern, level_layout, sampled_pattern,
+    LevelLayout, block_diagonal_pattern, causal_tree, leaf_pattern, level_geometry, level_layout, sampled_pattern,
 )
 from ..kernels.hyper_lsh import lsh_buckets, lsh_projections
 from .base import AttentionCall, SparseMethod
@@ -110,10 +110,11 @@ class Hyper(SparseMethod):
         out, lse = self.leaves(query, key, value, tree, call)
         out = out.float()
         for pairs in tree.levels:
-            pairs = [p for p in pairs if p[2] > q_start]  # pairs with a query in this call
+            pairs = tuple(p for p in pairs if p[2] > q_start)  # pairs with a query in this call
             if not pairs:
                 continue
-            layout = level_layout(q_buckets, k_buckets, pairs, q_start, call.kv_start, c.hash_bits)
+            geometry = level_geometry(pairs, q_start, query.device)
+            layout = level_layout(q_buckets, k_buckets, geometry, call.kv_start, c.hash_bits)
             q, k, v = self.sorted_inputs(query, key, value, layout)
             part_out, part_lse = self.block_diagonal(q, k, v, layout, call)
             if c.sample_size:
@@ -183,7 +184,7 @@ class Hyper(SparseMethod):
     @staticmethod
     def merge_level(out, lse, part_out, part_lse, layout: LevelLayout):
         """Merge a level's result (slot order) into the running out [B, Lq, Hq, D] / lse of the rows it serves."""
-        rows, slot = layout.query_rows, layout.query_slot
+        rows, slot = layout.geometry.query_rows, layout.query_slot
         got_out = part_out.gather(1, slot.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, part_out.shape[-1]))
         got_lse = part_lse.gather(2, slot)
         if layout.query_live is not None:
