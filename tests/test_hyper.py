@@ -20,7 +20,8 @@ from hf_longattn.kernels.dense import attention_logits
 from hf_longattn.kernels.hyper_layout import causal_tree, level_geometry, level_layout
 from hf_longattn.kernels.hyper_lsh import counter_hash, gray_rank, lsh_buckets, lsh_projections, sort_within_segments
 from hf_longattn.methods import AttentionCall
-from hf_longattn.methods.hyper import Hyper, HyperConfig, merge_by_lse
+from hf_longattn.kernels.hyper_merge import merge_by_lse, merge_level_reference, merge_level_triton
+from hf_longattn.methods.hyper import Hyper, HyperConfig
 from tiny_models import FULL_BUDGET, assert_prefill_matches_unpatched, make_model, random_batch
 
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -265,6 +266,26 @@ def test_merge_by_lse_is_attention_over_the_union_and_keeps_empty_rows_empty():
     empty = torch.full((1, 1, 1), -torch.inf)
     out, lse = merge_by_lse(torch.zeros(1, 1, 1, 4), empty, torch.zeros(1, 1, 1, 4), empty)
     assert torch.all(out == 0) and torch.all(lse == -torch.inf)
+
+
+@pytest.mark.parametrize("two_parts", [True, False])
+def test_merge_level_kernel_matches_reference(two_parts):
+    gen = torch.Generator().manual_seed(0)
+    batch, q_len, heads, dim, slots = 2, 40, 3, 24, 32
+    out, lse = torch.randn(batch, q_len, heads, dim, generator=gen), torch.randn(batch, heads, q_len, generator=gen)
+    lse[0, 0, :5] = -torch.inf  # rows that saw nothing so far
+    parts = [(torch.randn(batch, slots, heads, dim, generator=gen), torch.randn(batch, heads, slots, generator=gen))
+             for _ in range(2 if two_parts else 1)]
+    parts[0][1][1, 2, :] = -torch.inf  # a part that saw nothing
+    rows = torch.tensor([0, 1, 2, 3, 7, 11, 20, 21, 22, 39])
+    slot = torch.randint(0, slots, (batch, heads, len(rows)), generator=gen)
+    live = torch.rand(batch, len(rows), generator=gen) > 0.3
+    expected_out, expected_lse = out.clone(), lse.clone()
+    merge_level_reference(expected_out, expected_lse, rows, slot, live, parts)
+    merge_level_triton(out, lse, rows, slot, live, parts)
+    torch.testing.assert_close(out, expected_out, **TOL)
+    torch.testing.assert_close(lse, expected_lse, **TOL)
+    assert not torch.equal(out[:, rows], torch.zeros_like(out[:, rows]))
 
 
 # --- the sampled residual is unbiased ------------------------------------------------------------------------------

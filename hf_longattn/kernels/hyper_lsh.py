@@ -37,8 +37,8 @@ def lsh_buckets(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
     """[..., L, D] -> int64 [..., L] buckets in [0, 2**bits), numbered in Gray order (adjacent ids differ in one bit)."""
     bits = projections.shape[1]
     signs = (x @ projections.to(device=x.device, dtype=x.dtype)) > 0
-    weights = 2 ** torch.arange(bits, device=x.device)
-    return gray_rank((signs.long() * weights).sum(-1))
+    weights = 2 ** torch.arange(bits, device=x.device, dtype=torch.int32)
+    return gray_rank((signs.int() * weights).sum(-1, dtype=torch.int32)).long()
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ diagonals (queries and keys gathered into sorted order, query block j -> key blo
 that nothing is causally masked) and one for all samples (one-token key blocks).
 
 Stages a benchmark can time one by one: `Hyper.buckets` (hashing), `level_layout` + `Hyper.sorted_inputs` (sorting
-and gathering; `level_geometry` is shape-only and cached), `Hyper.leaves`, `Hyper.block_diagonal`, `Hyper.residual`, `Hyper.merge_level`.
+and gathering; `level_geometry` is shape-only and cached), `Hyper.leaves`, `Hyper.block_diagonal`, `Hyper.residual`, `Hyper.merge_level` (kernels/hyper_merge.py).
 
 What this version fixes or changes in the reference implementation (insuhan/hyper-attn):
 * Sampled keys inside a query's own block were counted twice on GPUs (block part + residual): they are excluded.
@@ -44,6 +44,7 @@ from ..kernels.hyper_layout import (
     LevelLayout, block_diagonal_pattern, causal_tree, leaf_pattern, level_geometry, level_layout, sampled_pattern,
 )
 from ..kernels.hyper_lsh import lsh_buckets, lsh_projections
+from ..kernels.hyper_merge import merge_level
 from .base import AttentionCall, SparseMethod
 
 LAYER_CHOICES = ("half", "all")
@@ -80,16 +81,6 @@ class HyperConfig(MethodConfig):
             raise ConfigError(f"last_layers={self.last_layers!r} must be 'half', 'all' or a positive number of layers")
 
 
-def merge_by_lse(out_a, lse_a, out_b, lse_b):
-    """Attention over the union of two disjoint key sets from each set's attention: out [B, L, H, D] (any float
-    dtype), lse [B, H, L] natural-log (float32; -inf = saw no key). Returns (out float32, lse)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    reference = torch.where(torch.isinf(lse), 0.0, lse)  # a query that saw nothing keeps out 0, lse -inf
-    weight_a = (lse_a - reference).exp().transpose(1, 2).unsqueeze(-1)
-    weight_b = (lse_b - reference).exp().transpose(1, 2).unsqueeze(-1)
-    return out_a.float() * weight_a + out_b.float() * weight_b, lse
-
-
 class Hyper(SparseMethod):
     name = "hyper"
     Config = HyperConfig
@@ -107,8 +98,7 @@ class Hyper(SparseMethod):
             return dense_attention(query, key, value, call.scale, call.softcap, kv_start=call.kv_start)
 
         q_buckets, k_buckets = self.buckets(query, key, call.layer_idx)
-        out, lse = self.leaves(query, key, value, tree, call)
-        out = out.float()
+        out, lse = self.leaves(query, key, value, tree, call)  # the running result, updated in place per level
         for pairs in tree.levels:
             pairs = tuple(p for p in pairs if p[2] > q_start)  # pairs with a query in this call
             if not pairs:
@@ -116,11 +106,11 @@ class Hyper(SparseMethod):
             geometry = level_geometry(pairs, q_start, query.device)
             layout = level_layout(q_buckets, k_buckets, geometry, call.kv_start, c.hash_bits)
             q, k, v = self.sorted_inputs(query, key, value, layout)
-            part_out, part_lse = self.block_diagonal(q, k, v, layout, call)
+            parts = [self.block_diagonal(q, k, v, layout, call)]
             if c.sample_size:
-                part_out, part_lse = merge_by_lse(part_out, part_lse, *self.residual(q, k, v, layout, call))
-            out, lse = self.merge_level(out, lse, part_out, part_lse, layout)
-        return out.to(query.dtype)
+                parts.append(self.residual(q, k, v, layout, call))
+            self.merge_level(out, lse, parts, layout)
+        return out
 
     def patches_layer(self, call: AttentionCall) -> bool:
         """The layer policy: the last ``last_layers`` layers use the method, the others stay exact."""
@@ -182,12 +172,6 @@ class Hyper(SparseMethod):
         return out, lse + log_weight
 
     @staticmethod
-    def merge_level(out, lse, part_out, part_lse, layout: LevelLayout):
-        """Merge a level's result (slot order) into the running out [B, Lq, Hq, D] / lse of the rows it serves."""
-        rows, slot = layout.geometry.query_rows, layout.query_slot
-        got_out = part_out.gather(1, slot.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, part_out.shape[-1]))
-        got_lse = part_lse.gather(2, slot)
-        if layout.query_live is not None:
-            got_lse = got_lse.masked_fill(~layout.query_live.unsqueeze(1), -torch.inf)
-        merged_out, merged_lse = merge_by_lse(out.index_select(1, rows), lse.index_select(2, rows), got_out, got_lse)
-        return out.index_copy_(1, rows, merged_out), lse.index_copy_(2, rows, merged_lse)
+    def merge_level(out, lse, parts, layout: LevelLayout) -> None:
+        """Fold a level's parts (slot order) into the running out [B, Lq, Hq, D] / lse of the rows it serves."""
+        merge_level(out, lse, layout.geometry.query_rows, layout.query_slot, layout.query_live, parts)
