@@ -19,8 +19,8 @@ from hf_longattn.kernels import dense_attention, sparse_attention
 from hf_longattn.kernels.dense import attention_logits
 from hf_longattn.kernels.hyper_layout import causal_tree, level_geometry, level_layout
 from hf_longattn.kernels.hyper_lsh import counter_hash, gray_rank, lsh_buckets, lsh_projections, sort_within_segments
-from hf_longattn.methods import AttentionCall
 from hf_longattn.kernels.hyper_merge import merge_by_lse, merge_level_reference, merge_level_triton
+from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.hyper import Hyper, HyperConfig
 from tiny_models import FULL_BUDGET, assert_prefill_matches_unpatched, make_model, random_batch
 
@@ -79,11 +79,11 @@ def test_gray_rank_orders_patterns_so_that_neighbours_differ_in_one_bit(bits):
     assert sorted(ranks.tolist()) == codes.tolist()
     order = torch.argsort(ranks)  # the bit patterns in bucket order
     assert order.tolist() == _gray_sequence(bits)
-    flips = [bin(a ^ b).count("1") for a, b in zip(order.tolist(), order[1:].tolist())]
+    flips = [(a ^ b).bit_count() for a, b in zip(order.tolist(), order[1:].tolist())]
     assert flips == [1] * (2**bits - 1)
     if bits >= 3:  # the reference's map (the Gray code itself) breaks it
         reference_order = torch.argsort(codes ^ (codes >> 1)).tolist()
-        assert max(bin(a ^ b).count("1") for a, b in zip(reference_order, reference_order[1:])) > 1
+        assert max((a ^ b).bit_count() for a, b in zip(reference_order, reference_order[1:])) > 1
 
 
 def test_lsh_puts_close_vectors_together_and_is_seeded_per_layer():
@@ -114,7 +114,8 @@ def test_sort_within_segments_keeps_segments_and_ties():
 
 # --- the causal recursion and the sorted layout --------------------------------------------------------------------
 
-@pytest.mark.parametrize("length,min_seq_len,block", [(100, 16, 8), (64, 16, 8), (257, 32, 8), (40, 16, 16), (31, 8, 8)])
+@pytest.mark.parametrize("length,min_seq_len,block",
+                         [(100, 16, 8), (64, 16, 8), (257, 32, 8), (40, 16, 16), (31, 8, 8)])
 def test_recursion_covers_every_causal_pair_exactly_once(length, min_seq_len, block):
     tree = causal_tree(length, min_seq_len, block)
     cover = torch.zeros(length, length, dtype=torch.int)
@@ -166,9 +167,10 @@ def naive_hyper(q, k, v, config: HyperConfig, layer_idx=0, kv_start=None, softca
     q0, bs, c = k_len - q_len, config.block_size, config
     planes = lsh_projections(c.seed, layer_idx, dim, c.hash_bits)
     rank = {code: r for r, code in enumerate(_gray_sequence(c.hash_bits))}
-    weights_of_bits = 2 ** torch.arange(c.hash_bits)
-    qb = [[[rank[int(x)] for x in row] for row in head] for head in (((q @ planes) > 0).long() * weights_of_bits).sum(-1)]
-    kb = [[[rank[int(x)] for x in row] for row in head] for head in (((k @ planes) > 0).long() * weights_of_bits).sum(-1)]
+    def buckets(x):  # [B, H, L] nested lists
+        codes = (((x @ planes) > 0).long() * 2 ** torch.arange(c.hash_bits)).sum(-1)
+        return [[[rank[int(code)] for code in row] for row in head] for head in codes]
+    qb, kb = buckets(q), buckets(k)
     tree = causal_tree(k_len, c.min_seq_len, bs)
     weight = torch.zeros(batch, hq, q_len, k_len)
     for b in range(batch):
@@ -185,7 +187,8 @@ def naive_hyper(q, k, v, config: HyperConfig, layer_idx=0, kv_start=None, softca
                     # One uniform draw in each stratum of `stride` sorted keys, the same for every query of the pair.
                     stride = -(-(mid - start) // c.sample_size) if c.sample_size else 0
                     strata = range(-(-(mid - start) // stride)) if stride else range(0)
-                    drawn = [t * stride + (int(counter_hash(c.seed, layer_idx, start, g, t)) * stride >> 32) for t in strata]
+                    drawn = [t * stride + (int(counter_hash(c.seed, layer_idx, start, g, t)) * stride >> 32)
+                             for t in strata]
                     for r, p in enumerate(queries):
                         own = r * (mid - start) // len(queries) // bs
                         for j in keys[own * bs:(own + 1) * bs]:
@@ -332,7 +335,8 @@ def test_last_layers_policy():
     method = Hyper(HyperConfig(last_layers="half"))
     def patched_layers(choice, num_layers=30):
         method.config.last_layers = choice
-        return [i for i in range(num_layers) if method.patches_layer(SimpleNamespace(layer_idx=i, num_layers=num_layers))]
+        calls = [SimpleNamespace(layer_idx=i, num_layers=num_layers) for i in range(num_layers)]
+        return [call.layer_idx for call in calls if method.patches_layer(call)]
     assert patched_layers("half") == list(range(15, 30))
     assert patched_layers("all") == list(range(30))
     assert patched_layers(4) == [26, 27, 28, 29]
@@ -374,3 +378,4 @@ def test_model_small_sample_approximates():
             logits = model(ids).logits
     torch.testing.assert_close(logits[:, :16], reference[:, :16], **TOL)  # the first leaf is exact
     assert not torch.allclose(logits[:, 16:], reference[:, 16:], atol=1e-3)
+

@@ -72,7 +72,8 @@ def run_perplexity(model, ids: list[int], runs: dict[str, dict], lengths: list[i
 
 def markdown(results: dict, runs: dict[str, dict], reference: str = "dense") -> str:
     lengths = list(results)
-    lines = ["| run | options | " + " | ".join(f"{n} tokens" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    lines = ["| run | options | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
     for label, options in runs.items():
         cells = []
         for n in lengths:
@@ -119,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                              args.batch_size, progress=lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"model": args.model, "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.startswith("cuda")
-              else "CPU", "torch": torch.__version__, "command": "python -m hf_longattn.eval.perplexity " + " ".join(
-                  sys.argv[1:] if argv is None else argv), "text_tokens": len(ids), "runs": runs, "results": results}
+    command = "python -m hf_longattn.eval.perplexity " + " ".join(sys.argv[1:] if argv is None else argv)
+    record = {"model": args.model, "dtype": args.dtype, "torch": torch.__version__, "command": command,
+              "device": torch.cuda.get_device_name() if device.startswith("cuda") else "CPU",
+              "text_tokens": len(ids), "runs": runs, "results": results}
     (out / "perplexity.json").write_text(json.dumps(record, indent=1))
-    (out / "perplexity.md").write_text(f"{args.model} ({args.dtype}), `{record['command']}`\n\n" + markdown(results, runs))
+    (out / "perplexity.md").write_text(f"{args.model} ({args.dtype}), `{command}`\n\n" + markdown(results, runs))
     print(markdown(results, runs))
     return 0
 

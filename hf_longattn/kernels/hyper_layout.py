@@ -154,7 +154,8 @@ def level_layout(q_buckets: torch.Tensor, k_buckets: torch.Tensor, geometry: Lev
         buckets = buckets.masked_fill(~live.unsqueeze(1), 1 << bits)
         n_live = (g.end - torch.maximum(g.first_row, kv_start.view(-1, 1))).clamp(min=0).unsqueeze(1)  # [B, 1, P]
     order = sort_within_segments(buckets, g.pair_of_row, bits + 1, num_pairs)  # [B, Hq, R]
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
     rank = rank - g.row_offset[g.pair_of_row]
     slot = g.offset[g.pair_of_row] + rank * g.n_keys[g.pair_of_row] // n_live[..., g.pair_of_row].clamp(min=1)
     query_slot = slot.clamp(max=total - 1)  # padding queries (rank >= live) point anywhere; they are masked
@@ -171,8 +172,8 @@ def block_diagonal_pattern(layout: LevelLayout, block: int, batch: int, heads: i
     """Slot block j attends to sorted key block j (pairs are whole blocks, so no block straddles two pairs)."""
     n_blocks = layout.num_slots // block
     ids = torch.arange(n_blocks, device=layout.key_index.device, dtype=torch.int32).view(1, 1, n_blocks, 1)
-    return SparsePattern(ids.expand(batch, heads, n_blocks, 1), torch.ones_like(ids[..., 0]).expand(batch, heads, n_blocks),
-                         block, block)
+    counts = torch.ones_like(ids[..., 0]).expand(batch, heads, n_blocks)
+    return SparsePattern(ids.expand(batch, heads, n_blocks, 1), counts, block, block)
 
 
 def sampled_pattern(layout: LevelLayout, block: int, sample_size: int, seed: int, layer_idx: int, batch: int,
@@ -207,7 +208,7 @@ def sampled_pattern(layout: LevelLayout, block: int, sample_size: int, seed: int
     ids = (g.offset[block_pair].view(-1, 1) + place).gather(-1, order)
     counts = keep.sum(-1)
     ids = torch.where(t < counts.unsqueeze(-1), ids, 0).to(torch.int32)
-    pattern = SparsePattern(ids.unsqueeze(0).expand(batch, *ids.shape), counts.to(torch.int32).unsqueeze(0).expand(batch, -1, -1),
-                            block, 1)
+    counts = counts.to(torch.int32).unsqueeze(0).expand(batch, -1, -1)
+    pattern = SparsePattern(ids.unsqueeze(0).expand(batch, *ids.shape), counts, block, 1)
     log_weight = stride.double().log().float()[g.pair_of_slot]
     return pattern, log_weight

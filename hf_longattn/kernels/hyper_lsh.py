@@ -34,7 +34,7 @@ def gray_rank(code: torch.Tensor) -> torch.Tensor:
 
 
 def lsh_buckets(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-    """[..., L, D] -> int64 [..., L] buckets in [0, 2**bits), numbered in Gray order (adjacent ids differ in one bit)."""
+    """[..., L, D] -> int64 [..., L] buckets in [0, 2**bits), numbered in Gray order (adjacent ids: one bit apart)."""
     bits = projections.shape[1]
     signs = (x @ projections.to(device=x.device, dtype=x.dtype)) > 0
     weights = 2 ** torch.arange(bits, device=x.device, dtype=torch.int32)
@@ -61,7 +61,8 @@ def counter_hash(*fields) -> torch.Tensor:
     return h
 
 
-def sort_within_segments(values: torch.Tensor, segment: torch.Tensor, value_bits: int, num_segments: int) -> torch.Tensor:
+def sort_within_segments(values: torch.Tensor, segment: torch.Tensor, value_bits: int,
+                         num_segments: int) -> torch.Tensor:
     """Indices that sort ``values`` [..., N] (ints in [0, 2**value_bits)) ascending within each segment and keep the
     segments in place; ``segment`` [N] is the non-decreasing segment id (< num_segments) of each entry. Ties keep
     their order. One stable sort of a composite key (int32 when it fits: a radix sort over half the bits)."""

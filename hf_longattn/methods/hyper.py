@@ -11,8 +11,9 @@ kernel (`sparse_attention`): leaves as a block pattern, and per level of the rec
 diagonals (queries and keys gathered into sorted order, query block j -> key block j, ``q_offset`` past the keys so
 that nothing is causally masked) and one for all samples (one-token key blocks).
 
-Stages a benchmark can time one by one: `Hyper.buckets` (hashing), `level_layout` + `Hyper.sorted_inputs` (sorting
-and gathering; `level_geometry` is shape-only and cached), `Hyper.leaves`, `Hyper.block_diagonal`, `Hyper.residual`, `Hyper.merge_level` (kernels/hyper_merge.py).
+Stages a benchmark can time one by one (benchmarks/bench_hyper.py): `Hyper.buckets` (hashing), `level_layout` and
+`Hyper.sorted_inputs` (sorting, gathering; `level_geometry` is shape-only and cached), `Hyper.leaves`,
+`Hyper.block_diagonal`, `Hyper.residual`, `Hyper.merge_level` (kernels/hyper_merge.py).
 
 What this version fixes or changes in the reference implementation (insuhan/hyper-attn):
 * Sampled keys inside a query's own block were counted twice on GPUs (block part + residual): they are excluded.
@@ -76,8 +77,8 @@ class HyperConfig(MethodConfig):
                 f"min_seq_len={self.min_seq_len} must be a multiple of block_size={self.block_size} (the recursion "
                 f"splits at block boundaries); use min_seq_len={fixed}"
             )
-        valid_int = isinstance(self.last_layers, int) and not isinstance(self.last_layers, bool) and self.last_layers > 0
-        if not (valid_int or self.last_layers in LAYER_CHOICES):
+        count = isinstance(self.last_layers, int) and not isinstance(self.last_layers, bool) and self.last_layers > 0
+        if not (count or self.last_layers in LAYER_CHOICES):
             raise ConfigError(f"last_layers={self.last_layers!r} must be 'half', 'all' or a positive number of layers")
 
 
