@@ -26,7 +26,7 @@ from tiny_models import FULL_BUDGET, assert_prefill_matches_unpatched, make_mode
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 # Tiny sizes on which the recursion has several levels: leaves of 16-31 tokens, blocks of 8.
-SMALL = dict(min_seq_len=16, block_size=8, last_layers="all")
+SMALL = dict(min_seq_len=16, block_size=8, last_layers="all", sink=0)
 COVERING = dict(SMALL, sample_size=1 << 20)  # samples every key: HyperAttention is then exact
 
 
@@ -45,6 +45,7 @@ def _call(dim=16, kv_start=None, softcap=None, layer_idx=0):
 def test_defaults_are_the_papers():
     c = HyperConfig()
     assert (c.min_seq_len, c.block_size, c.sample_size, c.hash_bits, c.last_layers) == (4096, 256, 256, 7, "half")
+    assert c.sink == 16  # not the paper's: attention sinks kept exact (see the module docstring)
     assert HyperConfig.from_options("hyper", c.options()) == c
 
 
@@ -175,14 +176,16 @@ def naive_hyper(q, k, v, config: HyperConfig, layer_idx=0, kv_start=None, softca
     weight = torch.zeros(batch, hq, q_len, k_len)
     for b in range(batch):
         first = 0 if kv_start is None else int(kv_start[b])
+        approximated = first + c.sink  # padding and sink keys take no part in the pairs
         for h in range(hq):
             g = h * hkv // hq
             for start, end in tree.leaves:
                 for p in range(max(start, q0), end):
                     weight[b, h, p - q0, max(start, first): p + 1] = 1
+                    weight[b, h, p - q0, first:min(approximated, p + 1)] = 1
             for pairs in tree.levels:
                 for start, mid, end in pairs:
-                    keys = sorted(range(start, mid), key=lambda j: (kb[b][g][j] if j >= first else -1, j))
+                    keys = sorted(range(start, mid), key=lambda j: (kb[b][g][j] if j >= approximated else -1, j))
                     queries = sorted(range(max(mid, q0, first), end), key=lambda p: (qb[b][h][p - q0], p))
                     # One uniform draw in each stratum of `stride` sorted keys, the same for every query of the pair.
                     stride = -(-(mid - start) // c.sample_size) if c.sample_size else 0
@@ -192,9 +195,10 @@ def naive_hyper(q, k, v, config: HyperConfig, layer_idx=0, kv_start=None, softca
                     for r, p in enumerate(queries):
                         own = r * (mid - start) // len(queries) // bs
                         for j in keys[own * bs:(own + 1) * bs]:
-                            weight[b, h, p - q0, j] = 1
+                            if j >= approximated:
+                                weight[b, h, p - q0, j] = 1
                         for place in drawn:
-                            if place < mid - start and place // bs != own:
+                            if place < mid - start and place // bs != own and keys[place] >= approximated:
                                 weight[b, h, p - q0, keys[place]] = stride
             weight[b, h, :, :first] = 0
     scores = attention_logits(torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(hq // hkv, 1)), dim**-0.5, softcap)
@@ -202,15 +206,15 @@ def naive_hyper(q, k, v, config: HyperConfig, layer_idx=0, kv_start=None, softca
     return torch.einsum("bhqk,bhkd->bqhd", scores.nan_to_num(0.0), v.repeat_interleave(hq // hkv, 1))
 
 
-@pytest.mark.parametrize("q_len,padded,softcap,sample_size", [
-    (100, False, None, 0), (100, False, None, 4), (100, False, None, 1 << 20), (100, True, 2.0, 4),
-    (100, True, 2.0, 1 << 20), (52, True, None, 4),
-], ids=["prefill-blocks-only", "prefill", "prefill-covering", "left-padded-softcap", "left-padded-softcap-covering",
-        "chunked-padded"])
-def test_method_matches_the_naive_algorithm(q_len, padded, softcap, sample_size):
+@pytest.mark.parametrize("q_len,padded,softcap,sample_size,sink", [
+    (100, False, None, 0, 0), (100, False, None, 4, 0), (100, False, None, 1 << 20, 0), (100, True, 2.0, 4, 0),
+    (100, True, 2.0, 1 << 20, 3), (52, True, None, 4, 0), (100, True, None, 4, 5), (52, False, None, 0, 20),
+], ids=["prefill-blocks-only", "prefill", "prefill-covering", "left-padded-softcap", "left-padded-softcap-covering-sink",
+        "chunked-padded", "left-padded-sink", "chunked-sink-blocks-only"])
+def test_method_matches_the_naive_algorithm(q_len, padded, softcap, sample_size, sink):
     q, k, v = _qkv(q_len=q_len)
     kv_start = torch.tensor([0, 61]) if padded else None
-    config = HyperConfig(**dict(SMALL, sample_size=sample_size, hash_bits=3, seed=5))
+    config = HyperConfig(**dict(SMALL, sample_size=sample_size, hash_bits=3, seed=5, sink=sink))
     out = Hyper(config).attend(q, k, v, _call(kv_start=kv_start, softcap=softcap, layer_idx=2))
     expected = naive_hyper(q, k, v, config, layer_idx=2, kv_start=kv_start, softcap=softcap)
     torch.testing.assert_close(out, expected, **TOL)

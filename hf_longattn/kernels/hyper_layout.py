@@ -10,8 +10,9 @@ One level of the recursion runs as one batched call per part. Its layout puts ev
 bucket, one after the other (whole blocks per pair) and gives each pair as many query *slots*: the pair's queries,
 sorted the same way, take the slots at their rank's quantile (slot = rank x keys / queries), so that slot block j meets
 key block j, as the paper's equal-quantile blocks do when a pair has fewer queries than keys. Empty slots hold some
-query whose output is never read. Left padding: padding keys sort first in their pair (bucket -1), so in the level's
-key order they are a prefix the kernels drop through ``kv_start``; padding queries sort last and get no slot.
+query whose output is never read. Left padding and the attention sink: padding keys and the first ``sink`` keys
+after them (which the leaves attend to for every query) sort first in their pair (bucket -1), so in the level's key
+order they are a prefix the kernels drop through ``kv_start``; padding queries sort last and get no slot.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def _leaf_blocks(tree: CausalTree, q_len: int, k_len: int, block: int, device) -
     return ids.to(torch.int32), counts.to(torch.int32)
 
 
-def leaf_pattern(tree: CausalTree, q_len: int, k_len: int, block: int, batch: int, heads: int, device) -> SparsePattern:
-    """Exact causal attention inside each leaf: query block j lists the key blocks from its leaf's start to itself.
-    The queries are the last q_len positions and start on a block boundary."""
+def leaf_pattern(tree: CausalTree, q_len: int, k_len: int, block: int, batch: int, heads: int, device,
+                 sink: int = 0) -> SparsePattern:
+    """Exact causal attention inside each leaf (query block j lists the key blocks from its leaf's start to itself),
+    plus the first ``sink`` keys for every query. The queries are the last q_len positions, from a block boundary."""
     ids, counts = _leaf_blocks(tree, q_len, k_len, block, torch.device(device))
-    return SparsePattern(ids.expand(batch, heads, *ids.shape), counts.expand(batch, heads, -1), block, block)
+    return SparsePattern(ids.expand(batch, heads, *ids.shape), counts.expand(batch, heads, -1), block, block, sink)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class LevelLayout:
     query_source: torch.Tensor  # [B, Hq, K] row of the query tensor in each slot
     query_slot: torch.Tensor  # [B, Hq, R] slot of each of the level's query rows (geometry.query_rows)
     query_live: torch.Tensor | None  # [B, R] False for left-padding queries (their slot means nothing); None: all live
-    kv_start: torch.Tensor | None  # [B] number of padding keys, which lead the level's key order; None: no padding
+    kv_start: torch.Tensor | None  # [B] padding and sink keys, which lead the level's key order; None: there are none
 
     @property
     def num_slots(self) -> int:
@@ -130,20 +132,23 @@ class LevelLayout:
 
 
 def level_layout(q_buckets: torch.Tensor, k_buckets: torch.Tensor, geometry: LevelGeometry,
-                 kv_start: torch.Tensor | None, bits: int) -> LevelLayout:
-    """The sorted layout of one level: q_buckets [B, Hq, Lq], k_buckets [B, Hkv, Lk], LSH buckets in [0, 2**bits)."""
+                 kv_start: torch.Tensor | None, bits: int, sink: int = 0) -> LevelLayout:
+    """The sorted layout of one level: q_buckets [B, Hq, Lq], k_buckets [B, Hkv, Lk], LSH buckets in [0, 2**bits).
+    Keys before kv_start + sink (padding, and the sink that the leaves attend to for every query) take no part."""
     g = geometry
     num_pairs, total = len(g.start), g.pair_of_slot.shape[0]
 
-    # Keys: each pair's left half, padding keys first (bucket -1 -> 0), then by bucket.
+    # Keys: each pair's left half, padding and sink keys first (bucket -1 -> 0), then by bucket.
     buckets = k_buckets.index_select(-1, g.key_pos) + 1
     if kv_start is not None:
         kv_start = kv_start.to(device=k_buckets.device, dtype=torch.long)
-        buckets = buckets.masked_fill(g.key_pos < kv_start.view(-1, 1, 1), 0)
-    key_index = g.key_pos[sort_within_segments(buckets, g.pair_of_slot, bits + 1, num_pairs)]
     level_kv_start = None
-    if kv_start is not None:
-        level_kv_start = (kv_start.view(-1, 1) - g.start).clamp(min=0).minimum(g.n_keys).sum(1)
+    if kv_start is not None or sink:
+        first_key = (kv_start if kv_start is not None else torch.zeros(1, dtype=torch.long, device=buckets.device)) + sink
+        buckets = buckets.masked_fill(g.key_pos < first_key.view(-1, 1, 1), 0)
+        level_kv_start = (first_key.view(-1, 1) - g.start).clamp(min=0).minimum(g.n_keys).sum(1)
+        level_kv_start = level_kv_start.expand(buckets.shape[0])
+    key_index = g.key_pos[sort_within_segments(buckets, g.pair_of_slot, bits + 1, num_pairs)]
 
     # Queries: each pair's right half, padding queries last (bucket 2**bits), then slots by quantile of rank.
     buckets = q_buckets.index_select(-1, g.query_rows)
