@@ -1,4 +1,7 @@
-"""The patcher and the exact paths: every family, prefill / generate with cache / left-padded batches."""
+"""The patcher: patch / unpatch, layer policy, clear errors and warnings, accelerate, torch.compile.
+
+Exactness of every method under every generate() mode lives in test_every_method.py.
+"""
 
 import json
 import logging
@@ -8,34 +11,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_longattn
-from hf_longattn import ConfigError, UnsupportedModelError, patch_model, patched, unpatch_model
+from hf_longattn import ConfigError, UnsupportedModelError, attention, patch_model, patched, unpatch_model
+from hf_longattn.recall import model_recall
 from tiny_models import FAMILIES, assert_prefill_matches_unpatched, make_model, random_batch
 
-# Exact configurations: `dense`, and the sparse-pattern path with a window that covers the whole context.
-EXACT = [("dense", {}), ("streaming", {"sink": 0, "window": 1 << 20, "block_size_q": 16}),
-         ("streaming", {"sink": 4, "window": 1 << 20, "block_size_q": 8})]
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method,options", EXACT, ids=["dense", "pattern-full", "pattern-full-sink"])
-def test_prefill_logits_match_unpatched(family, method, options):
-    assert_prefill_matches_unpatched(make_model(family), method, options, **TOL)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method,options", EXACT[:2], ids=["dense", "pattern-full"])
-def test_greedy_generate_with_cache_matches_unpatched(family, method, options):
-    model = make_model(family)
-    ids, mask = random_batch(length=24)
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True, pad_token_id=0)
-    with torch.no_grad():
-        reference = model.generate(ids, **kwargs)
-        with patched(model, method, **options):
-            out = model.generate(ids, **kwargs)
-    assert torch.equal(out.sequences, reference.sequences)
-    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), **TOL)
+def test_pattern_with_a_sink_and_small_query_blocks_matches_unpatched(family):
+    """The sink and the window split the keys of a full-coverage pattern; together they are still dense."""
+    assert_prefill_matches_unpatched(make_model(family), "streaming", {"sink": 4, "window": 1 << 20, "block_size_q": 8},
+                                     **TOL)
 
 
 def test_chunked_prefill_queries_are_the_last_positions():
@@ -193,3 +180,39 @@ def test_patched_model_runs_under_torch_compile():
 def patched_reference_dense(model, ids):
     with patched(model, "dense"), torch.no_grad():
         return model(ids).logits
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(attention, "_warned", set())
+    monkeypatch.setattr(attention, "_pending", set())
+
+
+def test_output_attentions_is_answered_with_one_warning(caplog, fresh_warnings):
+    model = make_model("gemma2")
+    ids, mask = random_batch()
+    patch_model(model, "dense")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, "hf_longattn"):
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        model(ids, attention_mask=mask, output_attentions=True)
+    warnings = [r.getMessage() for r in caplog.records if "output_attentions" in r.getMessage()]
+    assert len(warnings) == 1 and "attn_implementation='eager'" in warnings[0]
+    assert not any(a is not None and a.numel() for a in out.attentions)  # no maps, as with SDPA
+
+
+def test_right_padding_runs_dense_and_says_why(caplog, fresh_warnings):
+    model = make_model("llama")
+    ids, mask = random_batch(side="right")
+    with torch.no_grad(), patched(model, "streaming", sink=0, window=4), caplog.at_level(logging.WARNING, "hf_longattn"):
+        model(ids, attention_mask=mask)
+    assert any("padding_side='left'" in r.getMessage() for r in caplog.records)
+
+
+def test_model_recall_says_why_a_sliding_window_model_has_no_layers(caplog, fresh_warnings):
+    model = make_model("mistral")  # every layer is a sliding-window layer
+    ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+    options = dict(sink=0, window=8, block_size_q=8)
+    with caplog.at_level(logging.WARNING, "hf_longattn"):
+        assert model_recall(model, ids, "streaming", **options) == {}
+    assert any("keep_sliding_window=False" in r.getMessage() for r in caplog.records)
+    assert sorted(model_recall(model, ids, "streaming", keep_sliding_window=False, **options)) == [0, 1, 2, 3]
