@@ -23,6 +23,7 @@ from .methods import AttentionCall, SparseMethod, get_method
 
 logger = logging.getLogger("hf_longattn")
 _warned: set[str] = set()
+_pending: set[str] = set()  # warnings of compiled calls, logged by the next eager call
 
 # Attribute of an eagerly made key layout with what its one host sync read: (real key count or None, whether any row
 # is padded, absolute position of the first query).
@@ -39,9 +40,6 @@ def warn_once(message: str) -> None:
             _warned.add(pending)
             logger.warning(pending)
     _pending.clear()
-
-
-_pending: set[str] = set()
 
 
 def key_layout(kv_start: torch.Tensor, q_start: torch.Tensor | None) -> torch.Tensor:

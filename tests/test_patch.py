@@ -216,3 +216,19 @@ def test_model_recall_says_why_a_sliding_window_model_has_no_layers(caplog, fres
         assert model_recall(model, ids, "streaming", **options) == {}
     assert any("keep_sliding_window=False" in r.getMessage() for r in caplog.records)
     assert sorted(model_recall(model, ids, "streaming", keep_sliding_window=False, **options)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_dense_attention_places_queries_by_q_offset_like_the_sparse_kernel(softcap):
+    """A static cache under torch.compile: queries at q_offset[b], the keys after them an empty tail (dense fallback)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=gen) for h, n in ((4, 5), (2, 40), (2, 40)))
+    q_offset, kv_start = torch.tensor([12, 35]), torch.tensor([0, 3])
+    covering = hf_longattn.kernels.window_pattern(2, 2, 5, 8, 8, sink=0, window=1 << 20)
+    expected = hf_longattn.sparse_attention(q, k, v, covering, scale=0.3, softcap=softcap, kv_start=kv_start,
+                                            q_offset=q_offset, backend="reference")
+    out = hf_longattn.dense_attention(q, k, v, 0.3, softcap, kv_start=kv_start, q_offset=q_offset)
+    torch.testing.assert_close(out, expected, **TOL)
+    window = hf_longattn.dense_attention(q, k, v, 0.3, softcap, kv_start=kv_start, window=4, q_offset=q_offset)
+    torch.testing.assert_close(window[0, 0], hf_longattn.dense_attention(
+        q[:1, :, :1], k[:1, :, 9:13], v[:1, :, 9:13], 0.3, softcap)[0, 0], **TOL)  # query 12 sees keys 9..12
