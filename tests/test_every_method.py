@@ -9,7 +9,7 @@ Coverage (methods x families x modes):
 * every method x every family: left-padded prefill; generate() with a dynamic cache, a static cache, chunked prefill
   (`prefill_chunk_size=16`), static + chunked, beam search (num_beams=2); a right-padded row (the first new token and
   the logits at every position, pad queries included); a layer's state kept across a continued cache (dynamic,
-  static, sliding window) and emptied by a new prompt.
+  static, sliding window) and emptied by a new prompt; `output_attentions=True` answered by one warning.
 * compiled decode: transformers' own compiled decode step (static cache, `CompileConfig`, forced on CPU, backend
   aot_eager, fullgraph) on every family for the methods that place queries by `q_offset`
   (`supports_query_offset`: they run there), and on llama only for the others, which run exact dense attention there
@@ -18,7 +18,9 @@ Coverage (methods x families x modes):
   (GQA, rope scaling) and gemma2 (softcap, alternating local/global layers); dense on every family with and without
   a mask, which is what exercises the mask recognition of the sliding-window families.
 Compiling costs seconds per case on CPU, so the compiled cases are the ones where the method or the family changes
-what is traced; everything eager runs for every pair.
+what is traced; everything eager runs for every pair. The tiny Mistral has a sliding window, so every layer keeps it
+and no method runs there: it checks the window path and the sliding caches (a Mistral without a window is a Llama to
+a method).
 """
 
 import logging
@@ -124,6 +126,21 @@ def test_right_padded_row_matches_unpatched(family, method):
         assert_same_generation(greedy(model, ids, mask, max_new_tokens=1), expected)
         with torch.no_grad():
             torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected_logits, **TOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_output_attentions_is_answered_with_one_warning(family, method, caplog, monkeypatch):
+    monkeypatch.setattr(attention, "_warned", set())
+    model = shared_model(family)
+    ids, mask = random_batch(batch=2, length=12, pad=3)
+    with patched(model, method, **FULL_BUDGET[method]), torch.no_grad():
+        with caplog.at_level(logging.WARNING, "hf_longattn"):
+            out = model(ids, attention_mask=mask, output_attentions=True)
+            model(ids, attention_mask=mask, output_attentions=True)
+    warnings = [r.getMessage() for r in caplog.records if "output_attentions" in r.getMessage()]
+    assert len(warnings) == 1 and "attn_implementation='eager'" in warnings[0]
+    assert not any(a is not None and a.numel() for a in out.attentions)  # no maps, as with SDPA
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -188,18 +188,6 @@ def fresh_warnings(monkeypatch):
     monkeypatch.setattr(attention, "_pending", set())
 
 
-def test_output_attentions_is_answered_with_one_warning(caplog, fresh_warnings):
-    model = make_model("gemma2")
-    ids, mask = random_batch()
-    patch_model(model, "dense")
-    with torch.no_grad(), caplog.at_level(logging.WARNING, "hf_longattn"):
-        out = model(ids, attention_mask=mask, output_attentions=True)
-        model(ids, attention_mask=mask, output_attentions=True)
-    warnings = [r.getMessage() for r in caplog.records if "output_attentions" in r.getMessage()]
-    assert len(warnings) == 1 and "attn_implementation='eager'" in warnings[0]
-    assert not any(a is not None and a.numel() for a in out.attentions)  # no maps, as with SDPA
-
-
 def test_right_padding_runs_dense_and_says_why(caplog, fresh_warnings):
     model = make_model("llama")
     ids, mask = random_batch(side="right")
