@@ -177,12 +177,12 @@ def longattn_mask(
     valid = None
     if attention_mask is not None:
         valid = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset: kv_offset + kv_length]
-    if isinstance(q_start, int) and q_start + q_length > kv_length:
+    if not isinstance(q_start, torch.Tensor) and q_start + q_length > kv_length:
         return materialised()  # queries past the keys: not a cache layout the kernels know
 
     if is_tracing(q_start if isinstance(q_start, torch.Tensor) else valid):
         # Inside a compiled graph: no host sync, so any padding is taken as left padding.
-        usual = isinstance(q_start, int) and q_start + q_length == kv_length
+        usual = not isinstance(q_start, torch.Tensor) and q_start + q_length == kv_length  # (maybe a SymInt)
         if usual and valid is None:
             return None
         q_start = None if usual else torch.as_tensor(q_start, device=device).reshape(1)

@@ -220,3 +220,32 @@ def test_dense_attention_places_queries_by_q_offset_like_the_sparse_kernel(softc
     window = hf_longattn.dense_attention(q, k, v, 0.3, softcap, kv_start=kv_start, window=4, q_offset=q_offset)
     torch.testing.assert_close(window[0, 0], hf_longattn.dense_attention(
         q[:1, :, :1], k[:1, :, 9:13], v[:1, :, 9:13], 0.3, softcap)[0, 0], **TOL)  # query 12 sees keys 9..12
+
+
+def test_compiled_decode_over_a_dynamic_cache_keeps_the_usual_layout():
+    """With dynamic shapes the cache length is symbolic: the queries are still the last keys, so a method that cannot
+    place queries by q_offset still runs there (no dense fallback) and matches the unpatched model."""
+    torch._dynamo.reset()
+    model = make_model("llama")
+    ids, mask = random_batch(length=20)
+    step, step_mask = torch.full((2, 1), 5), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+
+    def decode_step(forward):
+        past = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        return forward(input_ids=step, attention_mask=step_mask, past_key_values=past).logits
+
+    with torch.no_grad():
+        expected = decode_step(model.forward)
+        patch_model(model, "blocktopk", k=256, block_size_q=8, block_size_k=8, sink=2, window=4)
+        method = model.model.layers[0].self_attn.hf_longattn_runner.method
+        attend, traced = method.attend, type("Traced", (), {"usual_layout": None})()
+
+        def recording(query, key, value, call):
+            if torch.compiler.is_compiling():  # written, never read, in the graph: no guard, no recompile
+                traced.usual_layout = call.q_offset is None
+            return attend(query, key, value, call)
+
+        method.attend = recording
+        logits = decode_step(torch.compile(model.forward, backend="aot_eager", dynamic=True, fullgraph=True))
+    torch.testing.assert_close(logits, expected, **TOL)
+    assert traced.usual_layout is True
