@@ -29,7 +29,7 @@ class AttentionCall:
     # does not continue the previous one (new prompt, new generate()), so a method never sees stale state. A call
     # inside a compiled graph gets a fresh empty dict: a graph keeps no host-side bookkeeping between its runs.
     state: dict = field(default_factory=dict)
-    # [B] absolute position of each row's first query, when the key tensor is longer than the keys seen so far (a
+    # [B] key-tensor position of each row's first query, when the key tensor is longer than the keys seen so far (a
     # static cache read under torch.compile, where its real length is a device tensor; the keys from q_offset + Lq
     # on are its empty tail). None: the queries are the last Lq of the Lk keys (eager calls always see that layout:
     # the keys arrive cut to the real ones). Only methods with `supports_query_offset` receive a value; the others
