@@ -17,7 +17,8 @@ class ConfigError(ValueError):
 class MethodConfig:
     # Layers that stay exact dense: an int n means the first n layers, a list names layer indices.
     dense_layers: int | list[int] | tuple[int, ...] = ()
-    # Inputs whose key length is below this run dense (a sparse pattern buys nothing on short inputs).
+    # Inputs whose key length is below this run dense (a sparse pattern buys nothing on short inputs). A compiled
+    # static-cache decode step cannot read the real length on the host: it compares the cache's size.
     min_seq_len: int = 0
     # Local sliding-window layers (Gemma 2/3 local layers, Mistral with a window) keep their exact window.
     keep_sliding_window: bool = True

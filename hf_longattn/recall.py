@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .attention import warn_once
 from .kernels import SparsePattern, sparse_attention
 from .kernels.dense import attention_logits
 from .models import decoder_attention_modules
@@ -70,6 +71,8 @@ def attention_recall(
 class _RecallProbe:
     """Stands in for a layer's method: runs its selection, records the recall, attends through the shared kernel."""
 
+    supports_query_offset = False  # model_recall runs without a cache
+
     def __init__(self, method, records: dict):
         self.method, self.records = method, records
         self.name, self.config = method.name, method.config
@@ -92,12 +95,19 @@ def model_recall(
 ) -> dict[int, torch.Tensor]:
     """Run `model` once on `input_ids` with `method` patched; recall per layer and query head, {layer: [Hq]}.
 
-    Layers that ran exact dense attention (``dense_layers``, ``min_seq_len``, local sliding-window layers) are not in
-    the result. The model's previous patch state is restored afterwards.
+    Only layers where the method ran are in the result. Layers that ran exact dense attention are not: those in
+    ``dense_layers``, inputs shorter than ``min_seq_len``, and sliding-window layers, which keep their exact window
+    by default (``keep_sliding_window=True``). So a model whose every layer is a sliding-window layer (Mistral with a
+    window) gives ``{}`` with a warning; pass ``keep_sliding_window=False`` to measure the method on those layers.
+    The model's previous patch state is restored afterwards.
     """
     records: dict[int, list[torch.Tensor]] = {}
     with patched(model, method, **options):
         for module in decoder_attention_modules(model):
             module.hf_longattn_runner.method = _RecallProbe(module.hf_longattn_runner.method, records)
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if not records:
+        warn_once(f"hf_longattn: model_recall measured no layer: '{method}' ran on none (every layer is in "
+                  "dense_layers, shorter than min_seq_len, or a sliding-window layer that keeps its exact window; "
+                  "pass keep_sliding_window=False to measure those)")
     return {layer: torch.stack(values).mean(0) for layer, values in sorted(records.items())}

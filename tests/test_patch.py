@@ -1,4 +1,7 @@
-"""The patcher and the exact paths: every family, prefill / generate with cache / left-padded batches."""
+"""The patcher: patch / unpatch, layer policy, clear errors and warnings, accelerate, torch.compile.
+
+Exactness of every method under every generate() mode lives in test_every_method.py.
+"""
 
 import json
 import logging
@@ -8,34 +11,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_longattn
-from hf_longattn import ConfigError, UnsupportedModelError, patch_model, patched, unpatch_model
+from hf_longattn import ConfigError, UnsupportedModelError, attention, patch_model, patched, unpatch_model
+from hf_longattn.recall import model_recall
 from tiny_models import FAMILIES, assert_prefill_matches_unpatched, make_model, random_batch
 
-# Exact configurations: `dense`, and the sparse-pattern path with a window that covers the whole context.
-EXACT = [("dense", {}), ("streaming", {"sink": 0, "window": 1 << 20, "block_size_q": 16}),
-         ("streaming", {"sink": 4, "window": 1 << 20, "block_size_q": 8})]
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method,options", EXACT, ids=["dense", "pattern-full", "pattern-full-sink"])
-def test_prefill_logits_match_unpatched(family, method, options):
-    assert_prefill_matches_unpatched(make_model(family), method, options, **TOL)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("method,options", EXACT[:2], ids=["dense", "pattern-full"])
-def test_greedy_generate_with_cache_matches_unpatched(family, method, options):
-    model = make_model(family)
-    ids, mask = random_batch(length=24)
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
-                  return_dict_in_generate=True, pad_token_id=0)
-    with torch.no_grad():
-        reference = model.generate(ids, **kwargs)
-        with patched(model, method, **options):
-            out = model.generate(ids, **kwargs)
-    assert torch.equal(out.sequences, reference.sequences)
-    torch.testing.assert_close(torch.stack(out.logits), torch.stack(reference.logits), **TOL)
+def test_pattern_with_a_sink_and_small_query_blocks_matches_unpatched(family):
+    """The sink and the window split the keys of a full-coverage pattern; together they are still dense."""
+    assert_prefill_matches_unpatched(make_model(family), "streaming", {"sink": 4, "window": 1 << 20, "block_size_q": 8},
+                                     **TOL)
 
 
 def test_chunked_prefill_queries_are_the_last_positions():
@@ -193,3 +180,72 @@ def test_patched_model_runs_under_torch_compile():
 def patched_reference_dense(model, ids):
     with patched(model, "dense"), torch.no_grad():
         return model(ids).logits
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(attention, "_warned", set())
+    monkeypatch.setattr(attention, "_pending", set())
+
+
+def test_right_padding_runs_dense_and_says_why(caplog, fresh_warnings):
+    model = make_model("llama")
+    ids, mask = random_batch(side="right")
+    with torch.no_grad(), patched(model, "streaming", sink=0, window=4), caplog.at_level(logging.WARNING, "hf_longattn"):
+        model(ids, attention_mask=mask)
+    assert any("padding_side='left'" in r.getMessage() for r in caplog.records)
+
+
+def test_model_recall_says_why_a_sliding_window_model_has_no_layers(caplog, fresh_warnings):
+    model = make_model("mistral")  # every layer is a sliding-window layer
+    ids = torch.randint(3, 128, (1, 32), generator=torch.Generator().manual_seed(0))
+    options = dict(sink=0, window=8, block_size_q=8)
+    with caplog.at_level(logging.WARNING, "hf_longattn"):
+        assert model_recall(model, ids, "streaming", **options) == {}
+    assert any("keep_sliding_window=False" in r.getMessage() for r in caplog.records)
+    assert sorted(model_recall(model, ids, "streaming", keep_sliding_window=False, **options)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_dense_attention_places_queries_by_q_offset_like_the_sparse_kernel(softcap):
+    """A static cache under torch.compile: queries at q_offset[b], the keys after them an empty tail (dense fallback)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=gen) for h, n in ((4, 5), (2, 40), (2, 40)))
+    q_offset, kv_start = torch.tensor([12, 35]), torch.tensor([0, 3])
+    covering = hf_longattn.kernels.window_pattern(2, 2, 5, 8, 8, sink=0, window=1 << 20)
+    expected = hf_longattn.sparse_attention(q, k, v, covering, scale=0.3, softcap=softcap, kv_start=kv_start,
+                                            q_offset=q_offset, backend="reference")
+    out = hf_longattn.dense_attention(q, k, v, 0.3, softcap, kv_start=kv_start, q_offset=q_offset)
+    torch.testing.assert_close(out, expected, **TOL)
+    window = hf_longattn.dense_attention(q, k, v, 0.3, softcap, kv_start=kv_start, window=4, q_offset=q_offset)
+    torch.testing.assert_close(window[0, 0], hf_longattn.dense_attention(
+        q[:1, :, :1], k[:1, :, 9:13], v[:1, :, 9:13], 0.3, softcap)[0, 0], **TOL)  # query 12 sees keys 9..12
+
+
+def test_compiled_decode_over_a_dynamic_cache_keeps_the_usual_layout():
+    """With dynamic shapes the cache length is symbolic: the queries are still the last keys, so a method that cannot
+    place queries by q_offset still runs there (no dense fallback) and matches the unpatched model."""
+    torch._dynamo.reset()
+    model = make_model("llama")
+    ids, mask = random_batch(length=20)
+    step, step_mask = torch.full((2, 1), 5), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+
+    def decode_step(forward):
+        past = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        return forward(input_ids=step, attention_mask=step_mask, past_key_values=past).logits
+
+    with torch.no_grad():
+        expected = decode_step(model.forward)
+        patch_model(model, "blocktopk", k=256, block_size_q=8, block_size_k=8, sink=2, window=4)
+        method = model.model.layers[0].self_attn.hf_longattn_runner.method
+        attend, traced = method.attend, type("Traced", (), {"usual_layout": None})()
+
+        def recording(query, key, value, call):
+            if torch.compiler.is_compiling():  # written, never read, in the graph: no guard, no recompile
+                traced.usual_layout = call.q_offset is None
+            return attend(query, key, value, call)
+
+        method.attend = recording
+        logits = decode_step(torch.compile(model.forward, backend="aot_eager", dynamic=True, fullgraph=True))
+    torch.testing.assert_close(logits, expected, **TOL)
+    assert traced.usual_layout is True

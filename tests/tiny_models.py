@@ -32,12 +32,13 @@ def make_model(family: str, attn_implementation: str = "eager", dtype=torch.floa
     return model
 
 
-def random_batch(batch=2, length=40, pad=7, seed=0):
-    """Token ids and attention mask; with batch > 1 the second row is left-padded by `pad` tokens."""
+def random_batch(batch=2, length=40, pad=7, seed=0, side="left"):
+    """Token ids and attention mask; with batch > 1 the second row is padded by `pad` tokens on `side`."""
     ids = torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     if batch > 1 and pad:
-        mask[1, :pad], ids[1, :pad] = 0, 0
+        pads = slice(0, pad) if side == "left" else slice(length - pad, length)
+        mask[1, pads], ids[1, pads] = 0, 0
     return ids, mask
 
 

@@ -23,16 +23,21 @@ def attention_logits(qk: torch.Tensor, scale: float, softcap: float | None) -> t
 
 
 def visibility_mask(
-    q_len: int, k_len: int, kv_start: torch.Tensor | None, window: int | None, device, q_rows: slice | None = None
+    q_len: int, k_len: int, kv_start: torch.Tensor | None, window: int | None, device, q_rows: slice | None = None,
+    q_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean [B|1, 1, Lq, Lk] mask of what each query may see (causal, window, first valid key)."""
+    """Boolean [B|1, 1, Lq, Lk] mask of what each query may see (causal, window, first valid key).
+
+    Queries are the last Lq of the Lk keys, or start at key position ``q_offset[b]`` ([B] tensor, read on the device:
+    a static cache whose tail is still empty).
+    """
     rows = range(q_len)[q_rows] if q_rows is not None else range(q_len)
-    q_pos = torch.arange(rows.start, rows.stop, device=device).view(-1, 1) + (k_len - q_len)
-    k_pos = torch.arange(k_len, device=device).view(1, -1)
+    q_pos = torch.arange(rows.start, rows.stop, device=device).view(1, 1, -1, 1)
+    q_pos = q_pos + (k_len - q_len if q_offset is None else q_offset.to(device).view(-1, 1, 1, 1))
+    k_pos = torch.arange(k_len, device=device).view(1, 1, 1, -1)
     mask = k_pos <= q_pos
     if window:
         mask = mask & (k_pos > q_pos - window)
-    mask = mask.view(1, 1, *mask.shape)
     if kv_start is not None:
         mask = mask & (k_pos >= kv_start.to(device).view(-1, 1, 1, 1))
     return mask
@@ -48,22 +53,24 @@ def dense_attention(
     window: int | None = None,
     mask: torch.Tensor | None = None,
     causal: bool = True,
+    q_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D].
 
-    ``mask`` is an explicit boolean [B|1, 1, Lq, Lk] mask (True = attend) that replaces the causal/window/padding
-    description, for masks such as Gemma 3's bidirectional image spans.
+    Queries are the last Lq keys, or start at key position ``q_offset`` [B] (see `visibility_mask`). ``mask`` is an
+    explicit boolean [B|1, 1, Lq, Lk] mask (True = attend) that replaces the causal/window/padding description, for
+    masks such as Gemma 3's bidirectional image spans.
     """
     q_len, k_len = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if softcap is not None:
-        return _softcapped_attention(query, key, value, scale, softcap, kv_start, window, mask, causal)
+        return _softcapped_attention(query, key, value, scale, softcap, kv_start, window, mask, causal, q_offset)
     is_causal = False
     if mask is None and causal:
-        if kv_start is None and not window and q_len in (1, k_len):
+        if kv_start is None and q_offset is None and not window and q_len in (1, k_len):
             is_causal = q_len > 1  # SDPA's own causal flag suffices: no mask to build
         else:
-            mask = visibility_mask(q_len, k_len, kv_start, window, query.device)
+            mask = visibility_mask(q_len, k_len, kv_start, window, query.device, q_offset=q_offset)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale,
         enable_gqa=query.shape[1] != key.shape[1],
@@ -78,7 +85,7 @@ def _zero_rows_without_keys(out: torch.Tensor, mask: torch.Tensor | None) -> tor
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
-def _softcapped_attention(query, key, value, scale, softcap, kv_start, window, mask, causal):
+def _softcapped_attention(query, key, value, scale, softcap, kv_start, window, mask, causal, q_offset):
     batch, num_q_heads, q_len, _ = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     group = num_q_heads // num_kv_heads
@@ -91,7 +98,7 @@ def _softcapped_attention(query, key, value, scale, softcap, kv_start, window, m
         if mask is not None:
             visible = mask[:, :, rows]
         elif causal:
-            visible = visibility_mask(q_len, k_len, kv_start, window, query.device, q_rows=rows)
+            visible = visibility_mask(q_len, k_len, kv_start, window, query.device, q_rows=rows, q_offset=q_offset)
         else:
             visible = None
         scores = attention_logits(torch.einsum("bhgqd,bhkd->bhgqk", q[:, :, :, rows], k), scale, softcap)

@@ -26,18 +26,22 @@ class AttentionCall:
     # [B] first valid key position of each sequence (left padding), or None when nothing is padded.
     kv_start: torch.Tensor | None
     # Per-layer memory across calls of one sequence (e.g. a decode refresh schedule). It is emptied whenever a call
-    # does not continue the previous one (new prompt, new generate()), so a method never sees stale state.
+    # does not continue the previous one (new prompt, new generate()), so a method never sees stale state. A call
+    # inside a compiled graph gets a fresh empty dict: a graph keeps no host-side bookkeeping between its runs.
     state: dict = field(default_factory=dict)
-    # [B] absolute position of each row's first query, when the key tensor is longer than the keys seen so far (a
-    # static cache read under torch.compile, where its real length is a device tensor). None: the queries are the
-    # last Lq of the Lk keys. Only methods with `supports_query_offset` receive a value; the others run dense there.
+    # [B] key-tensor position of each row's first query, when the key tensor is longer than the keys seen so far (a
+    # static cache read under torch.compile, where its real length is a device tensor; the keys from q_offset + Lq
+    # on are its empty tail). None: the queries are the last Lq of the Lk keys (eager calls always see that layout:
+    # the keys arrive cut to the real ones). Only methods with `supports_query_offset` receive a value; the others
+    # run exact dense attention there. Read it on the device: no host sync in a compiled graph.
     q_offset: torch.Tensor | None = None
 
 
 class SparseMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    # True when select()/attend() honour AttentionCall.q_offset (sizes from the key tensor, positions from q_offset).
+    # True when select()/attend() honour AttentionCall.q_offset (sizes from the key tensor, positions from q_offset,
+    # no host sync), so that they run in a compiled static-cache decode step.
     supports_query_offset: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):

@@ -6,6 +6,8 @@ from .base import SparseMethod
 
 class Dense(SparseMethod):
     name = "dense"
+    supports_query_offset = True
 
     def attend(self, query, key, value, call):
-        return dense_attention(query, key, value, scale=call.scale, softcap=call.softcap, kv_start=call.kv_start)
+        return dense_attention(query, key, value, scale=call.scale, softcap=call.softcap, kv_start=call.kv_start,
+                               q_offset=call.q_offset)

@@ -25,6 +25,7 @@ class StreamingConfig(MethodConfig):
 class Streaming(SparseMethod):
     name = "streaming"
     Config = StreamingConfig
+    supports_query_offset = True  # the pattern does not depend on where the queries sit
 
     def select(self, query, key, call):
         c = self.config
