@@ -34,6 +34,8 @@ op under torch.compile.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .dense import attention_logits
@@ -293,53 +295,62 @@ def hip_mask_triton(
 
     _check_inputs(query, key, k, block_size_k, q_offset, score, slices)
     batch, num_q_heads, q_len, dim = query.shape
-    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    sliced, grid, scratch, constants = _search_plan(
+        batch, num_q_heads, key.shape[1], q_len, dim, query.dtype, k, block_size_q, block_size_k, query_stride,
+        shared_kv_heads, score, softcap is not None, kv_start is not None, q_offset is not None, slices,
+        tuple(sorted((launch or {}).items())))
+    heads, n_qb, n_sel = grid[1] // batch, -(-q_len // block_size_q), k // block_size_k
+    ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=query.device)
+    counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=query.device)
+    if not ids.numel():
+        return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
+    from .hip_mask_kernel import hip_mask_kernel, hip_slice_kernel
+
+    kernel = hip_slice_kernel if sliced else hip_mask_kernel
+    kernel[grid](
+        query, key, counts if kv_start is None else kv_start.to(query.device),
+        counts if q_offset is None else q_offset.to(query.device), ids, counts,
+        *(torch.empty(size, dtype=dtype, device=query.device) for size, dtype in scratch),
+        *query.stride(), *key.stride(), q_len, key.shape[2], heads, n_qb, sink, window,
+        *score_scaling(dim**-0.5 if scale is None else scale, softcap), **constants)
+    return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
+
+
+@functools.lru_cache(maxsize=256)
+def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_size_q, block_size_k, query_stride,
+                 shared_kv_heads, score, has_softcap, has_kv_start, has_q_offset, slices, launch):
+    """(sliced, grid, scratch [(numel, dtype)], kernel constants) of a search; the same at every decode step."""
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
-    n_sel, device = k // block_size_k, query.device
-    n_qb = -(-q_len // block_size_q)
+    n_sel, n_qb = k // block_size_k, -(-q_len // block_size_q)
     tile = slice_tile_keys(n_sel, slices, block_size_k)
     sliced = slices > 1 or (n_qb == 1 and tile <= SLICE_TILE_KEYS)
     if sliced and tile > SLICE_TILE_KEYS:
         raise ValueError(f"slices={slices} leaves {slice_layout(n_sel, slices)[0]} groups a slice, whose halves "
                          f"({tile} keys) do not fit one {SLICE_TILE_KEYS}-key tile; use slices >= "
                          f"{-(-n_sel * 2 * _next_power_of_2(block_size_k) // SLICE_TILE_KEYS)}")
-    ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
-    counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
-    if not ids.numel():
-        return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
-    settings = dict(LAUNCH_SETTINGS["decode" if sliced else "prefill"], **(launch or {}))
+    settings = dict(LAUNCH_SETTINGS["decode" if sliced else "prefill"], **dict(launch))
     # Strided queries a block scores: a power of two up to the whole block (few recompiles for short query blocks).
     nq = min(-(-block_size_q // query_stride), _next_power_of_2(-(-min(q_len, block_size_q) // query_stride)))
     bk_p2 = _next_power_of_2(block_size_k)
-    positions = {name: t.to(device) for name, t in (("kv_start", kv_start), ("q_offset", q_offset)) if t is not None}
-    args = (query, key, positions.get("kv_start", counts), positions.get("q_offset", counts), ids, counts)
-    sizes = (*query.stride(), *key.stride(), q_len, k_len, heads, n_qb, sink, window,
-             *score_scaling(dim**-0.5 if scale is None else scale, softcap))
     constants = dict(
         PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
         STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k, BK_P2=bk_p2,
         DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, STRATA=LSE_STRATA,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", STAGES=settings["stages"],
-        NORMALIZE=score == "probability", SOFTCAP=softcap is not None, HAS_KV_START="kv_start" in positions,
-        HAS_Q_OFFSET="q_offset" in positions, num_warps=settings["num_warps"],
+        PRECISION="ieee" if dtype == torch.float32 else "tf32", STAGES=settings["stages"],
+        NORMALIZE=score == "probability", SOFTCAP=has_softcap, HAS_KV_START=has_kv_start,
+        HAS_Q_OFFSET=has_q_offset, num_warps=settings["num_warps"],
     )
     lse_tile = max(16, bk_p2, _next_power_of_2(settings["tile_keys"]))
-    from .hip_mask_kernel import hip_mask_kernel, hip_slice_kernel
-
     if sliced:
         per_slice, n_slices = slice_layout(n_sel, slices)
-        hip_slice_kernel[(n_qb * n_slices, batch * heads)](
-            *args, *sizes, NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2), SLICES=n_slices, TILE=lse_tile, **constants)
-    else:
-        # At least 8 groups (16 halves), and tiles of halves at least 16 keys wide: tl.dot's minimum.
-        nsel_p2 = max(8, _next_power_of_2(n_sel))
-        chunk = min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2)))
-        programs = batch * heads * n_qb
-        scratch = [torch.empty(programs, 2 * nsel_p2, dtype=dtype, device=device)
-                   for dtype in (torch.int32, torch.float32, torch.int64)]
-        hip_mask_kernel[(n_qb, batch * heads)](
-            *args, *scratch, *sizes, NSEL_P2=nsel_p2, CHUNK=chunk, **constants)
-    return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
+        constants.update(NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2), SLICES=n_slices, TILE=lse_tile)
+        return True, (n_qb * n_slices, batch * heads), (), constants
+    # At least 8 groups (16 halves), and tiles of halves at least 16 keys wide: tl.dot's minimum.
+    nsel_p2 = max(8, _next_power_of_2(n_sel))
+    constants.update(NSEL_P2=nsel_p2, CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))))
+    programs = batch * heads * n_qb
+    scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32, torch.int64))
+    return False, (n_qb, batch * heads), scratch, constants
 
 
 def _search_eager(query, key, **options) -> SparsePattern:

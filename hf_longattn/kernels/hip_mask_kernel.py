@@ -71,8 +71,8 @@ def _candidates(start, last_pos, k_len, sink, window, BK: tl.constexpr):
 
 
 @triton.jit
-def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, lo, n_cand, k_len,
-                   sink, window, score_scale, softcap_log2, BLOCK_Q: tl.constexpr, BK: tl.constexpr,
+def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, block_rows, lo, n_cand,
+                   k_len, sink, window, score_scale, softcap_log2, BK: tl.constexpr,
                    BK_P2: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
                    STRATA: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
     """Each row's estimated log-sum-exp (log2 units; 0 for a row that sees nothing): the sink and its window exactly
@@ -80,7 +80,7 @@ def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, st
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     offs = tl.arange(0, TILE)
-    span = tl.where(window > 0, window + BLOCK_Q - 1, 0)
+    span = tl.where(window > 0, window + block_rows - 1, 0)  # every window of the block's queries
     for t0 in tl.range(0, sink + span, TILE, num_stages=STAGES):
         in_sink = t0 + offs < sink
         k_pos = tl.where(in_sink, start + t0 + offs, last_pos - span + 1 + t0 + offs - sink)
@@ -155,9 +155,10 @@ def hip_mask_kernel(
     lse = tl.zeros([ROWS], dtype=tl.float32)
     if NORMALIZE:
         if largest > 1:
-            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, lo,
-                                 n_cand, k_len, sink, window, score_scale, softcap_log2, BLOCK_Q, BK, BK_P2, DIM,
-                                 ROWS, CHUNK * BK_P2, STRATA, SOFTCAP, PRECISION, STAGES)
+            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos,
+                                 last_row - qb * BLOCK_Q + 1, lo, n_cand, k_len, sink, window, score_scale,
+                                 softcap_log2, BK, BK_P2, DIM, ROWS, CHUNK * BK_P2, STRATA, SOFTCAP, PRECISION,
+                                 STAGES)
 
     while largest > 1:
         tl.debug_barrier()
@@ -255,9 +256,9 @@ def hip_slice_kernel(
         largest = (n_cand + NSEL - 1) // NSEL
         lse = tl.zeros([ROWS], dtype=tl.float32)
         if NORMALIZE:
-            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, lo,
-                                 n_cand, k_len, sink, window, score_scale, softcap_log2, BLOCK_Q, BK, BK_P2, DIM,
-                                 ROWS, TILE, STRATA, SOFTCAP, PRECISION, STAGES)
+            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos,
+                                 last_row - qb * BLOCK_Q + 1, lo, n_cand, k_len, sink, window, score_scale,
+                                 softcap_log2, BK, BK_P2, DIM, ROWS, TILE, STRATA, SOFTCAP, PRECISION, STAGES)
         i = tl.arange(0, HALVES)
         while largest > 1:
             mid = gs + (ge - gs + 1) // 2
