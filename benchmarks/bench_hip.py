@@ -40,7 +40,7 @@ SWEEP = {
     "prefill": [{"tile_keys": t, "num_warps": w, "stages": s} for t in (64, 128) for w in (4, 8) for s in (2, 3)],
     "decode": [{"tile_keys": t, "num_warps": w, "stages": s} for t in (128, 256) for w in (4, 8) for s in (1, 2)],
 }
-SLICES_SWEEP = (16, 32, 64)
+SLICES_SWEEP = (4, 8, 16, 32, 64)
 
 
 def gpu_us(fn) -> float:

@@ -92,6 +92,13 @@ def slice_layout(n_sel: int, slices: int) -> tuple[int, int]:
     return per_slice, -(-n_sel // per_slice)
 
 
+def fewest_slices(n_sel: int, block_size_k: int) -> int:
+    """The fewest slices whose halves fit one sliced-kernel tile: the widest beams a decode search can run as short
+    programs (1 when even a single group does not fit: one beam, in the beam kernel)."""
+    groups = SLICE_TILE_KEYS // (2 * _next_power_of_2(block_size_k))
+    return -(-n_sel // groups) if groups else 1
+
+
 def _head_layout(num_q_heads: int, num_kv_heads: int, shared_kv_heads: bool):
     """(pattern heads, query heads per pattern head)."""
     if num_q_heads % num_kv_heads:
@@ -287,7 +294,7 @@ def hip_mask_triton(
 ) -> SparsePattern:
     """Same contract and result as `hip_mask_reference`, in Triton (hip_mask_kernel.py).
 
-    A search with slices > 1, or of a single query block whose beam fits one tile, runs the sliced kernel (one
+    A search in several slices, or of a single query block whose beam fits one tile, runs the sliced kernel (one
     program per slice); any other the beam kernel (one program per query block). ``launch`` overrides
     `LAUNCH_SETTINGS` for tuning: ``tile_keys``, ``num_warps`` and ``stages``.
     """
@@ -323,7 +330,8 @@ def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_s
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
     n_sel, n_qb = k // block_size_k, -(-q_len // block_size_q)
     tile = slice_tile_keys(n_sel, slices, block_size_k)
-    sliced = slices > 1 or (n_qb == 1 and tile <= SLICE_TILE_KEYS)
+    several = slice_layout(n_sel, slices)[1] > 1  # (one slice is the single beam, whichever kernel runs it)
+    sliced = several or (n_qb == 1 and tile <= SLICE_TILE_KEYS)
     if sliced and tile > SLICE_TILE_KEYS:
         raise ValueError(f"slices={slices} leaves {slice_layout(n_sel, slices)[0]} groups a slice, whose halves "
                          f"({tile} keys) do not fit one {SLICE_TILE_KEYS}-key tile; use slices >= "

@@ -5,9 +5,9 @@ and the launcher (`hip_mask_triton`).
   beam can be wide (the paper's 256 groups = 512 halves a round), so the halves are scored in tiles into a small
   per-program scratch area in global memory and sorted there, with barriers between the phases.
 * `hip_slice_kernel`: a sliced search, one program per (batch, pattern head, query block, slice). A slice is narrow
-  (a few to a few dozen groups), so a round lives in registers: all its halves are scored in one tile and the best
-  are kept by rank (each half counts the halves that beat it) instead of a sort. A decode step at 128K with 32 slices
-  is 32 short programs per kv head instead of one long chain of rounds.
+  (at most 64 groups of 2-token blocks), so a round lives in registers: all its halves are scored in one tile and the
+  best are kept by rank (each half counts the halves that beat it) instead of a sort through memory. A decode step
+  is then a few short programs per kv head instead of one long chain of rounds.
 """
 
 import triton

@@ -12,8 +12,8 @@ the paper does for models without GQA.
 Decode (a call with at most one query block): by default every step searches afresh for its own queries
 (``refresh_interval=1``). A step then depends on nothing but its inputs: exact under beam search, static caches,
 torch.compile and CUDA graphs. To make that affordable the decode search is sliced (``decode_slices``; see
-hip_mask.py): 32 short independent searches per kv head, one GPU program each, instead of one chain of dependent
-rounds. The paper refreshes the selection every few steps instead (preset "paper": every 8); reusing a selection
+hip_mask.py): a few independent searches per kv head, one short GPU program each whose rounds stay in registers,
+instead of one chain of dependent rounds through memory. The paper refreshes the selection every few steps instead (preset "paper": every 8); reusing a selection
 made for one answer token for the next ones lost answer digits on passkey prompts (" 247." for 24718), which is why
 the default searches every step. With ``refresh_interval > 1`` the search lists ahead of time the key blocks that
 will leave the sliding window before the next search, so no key visible at the search is dropped and a reused step
@@ -29,7 +29,7 @@ import torch
 
 from ..config import ConfigError, MethodConfig, non_negative, positive
 from ..kernels import SparsePattern
-from ..kernels.hip_mask import SCORES, SLICE_TILE_KEYS, hip_mask, slice_tile_keys
+from ..kernels.hip_mask import SCORES, SLICE_TILE_KEYS, fewest_slices, hip_mask, slice_layout, slice_tile_keys
 from .base import SparseMethod
 
 # Named settings. "paper": the paper's budget (512 selected tokens, a 256-token window) and its decode refresh (a search
@@ -56,9 +56,10 @@ class HipConfig(MethodConfig):
     sink: int = 16
     # Decode steps between two searches; 1 searches at every step (stateless).
     refresh_interval: int | None = None
-    # A decode search (one query block) runs as this many independent slices of the groups (hip_mask.py); 1 is the
-    # paper's single beam, whose dependent rounds run in one GPU program.
-    decode_slices: int = 32
+    # A decode search (one query block) runs as this many independent slices of the groups (hip_mask.py), one GPU
+    # program each. None: as few as fit one program's tile (4 for the paper budget, 16 for retrieval); 1 is the
+    # paper's single beam, whose dependent rounds then run in one program per kv head.
+    decode_slices: int | None = None
     shared_kv_heads: bool = True
     # How a half is ranked: "probability" = max over the scored queries of the softmax probability the key would get
     # (logit minus an estimate of the query's log-sum-exp; see kernels/hip_mask.py); "logit" = the paper's raw q.k.
@@ -70,7 +71,7 @@ class HipConfig(MethodConfig):
         for name, value in HIP_PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        positive(self, "k", "block_size_q", "block_size_k", "query_stride", "refresh_interval", "decode_slices")
+        positive(self, "k", "block_size_q", "block_size_k", "query_stride", "refresh_interval")
         non_negative(self, "window", "sink")
         if self.k % self.block_size_k:
             fixed = max(self.block_size_k, self.k // self.block_size_k * self.block_size_k)
@@ -84,12 +85,16 @@ class HipConfig(MethodConfig):
                 f"{self.block_size_q}); use a stride <= block_size_q"
             )
         n_sel = self.k // self.block_size_k
-        if self.decode_slices > 1 and slice_tile_keys(n_sel, self.decode_slices, self.block_size_k) > SLICE_TILE_KEYS:
-            fits = next(s for s in range(self.decode_slices, n_sel + 1)
-                        if slice_tile_keys(n_sel, s, self.block_size_k) <= SLICE_TILE_KEYS)
+        if self.decode_slices is None:
+            self.decode_slices = fewest_slices(n_sel, self.block_size_k)
+        positive(self, "decode_slices")
+        if (slice_layout(n_sel, self.decode_slices)[1] > 1
+                and slice_tile_keys(n_sel, self.decode_slices, self.block_size_k) > SLICE_TILE_KEYS):
+            fits = next((s for s in range(self.decode_slices, n_sel + 1)
+                         if slice_tile_keys(n_sel, s, self.block_size_k) <= SLICE_TILE_KEYS), None)
             raise ConfigError(f"decode_slices={self.decode_slices} gives each slice more groups than one program "
-                              f"scores at once (k={self.k}, block_size_k={self.block_size_k}); use decode_slices="
-                              f"{fits} or more, or 1 for a single beam")
+                              f"scores at once (k={self.k}, block_size_k={self.block_size_k}); use "
+                              + (f"decode_slices={fits} or more, or " if fits else "") + "decode_slices=1 (one beam)")
         if self.score not in SCORES:
             raise ConfigError(f"score={self.score!r} is unknown; choose one of {', '.join(SCORES)}")
         if not isinstance(self.shared_kv_heads, bool):
@@ -109,8 +114,10 @@ class Hip(SparseMethod):
         if reuse and call.q_offset is not None:
             from ..attention import warn_once
 
-            warn_once("hf_longattn: hip's refresh_interval > 1 keeps a selection across steps, which a static cache "
-                      "(fixed key length, torch.compile) cannot follow; hip searches at every decode step there.")
+            if not torch.compiler.is_compiling():
+                warn_once("hf_longattn: hip's refresh_interval > 1 keeps a selection across steps, which a static "
+                          "cache (fixed key length, torch.compile) cannot follow; hip searches at every decode step "
+                          "there.")
             reuse = False
         state = call.state.get("hip") if reuse else None
         if (state is not None and state["batch"] == query.shape[0] and state["age"] + 1 < c.refresh_interval
