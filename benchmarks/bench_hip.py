@@ -37,7 +37,8 @@ from hf_longattn.methods.hip import HIP_PRESETS, Hip, HipConfig
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 SWEEP = {
-    "prefill": [{"tile_keys": t, "num_warps": w, "stages": s} for t in (64, 128) for w in (4, 8) for s in (2, 3)],
+    "prefill": [{"tile_keys": t, "num_warps": w, "stages": 2, "transposed": tr}
+                for t in (64, 128) for w in (4, 8) for tr in (False, True)],
     "decode": [{"tile_keys": t, "num_warps": w, "stages": s} for t in (128, 256) for w in (4, 8) for s in (1, 2)],
 }
 SLICES_SWEEP = (4, 8, 16, 32, 64)
@@ -195,12 +196,11 @@ def markdown(result: dict) -> str:
     for phase in ("prefill", "decode"):
         if result.get(f"{phase}_sweep"):
             lines += ["", f"## Search kernel launch sweep, {phase} (preset {result['sweep_preset']}, context "
-                      f"{result['sweep_context']})", "", "| tile keys | num_warps | stages | us | same selection |",
-                      "|---|---|---|---|---|"]
+                      f"{result['sweep_context']})", "",
+                      "| tile keys | num_warps | stages | transposed | us | same selection |", "|---|---|---|---|---|---|"]
             for s in sorted(result[f"{phase}_sweep"], key=lambda s: s.get("us", float("inf"))):
-                lines.append(f"| {s['tile_keys']} | {s['num_warps']} | {s['stages']} | "
-                             f"{s['us']:.1f} | {s['same_selection']} |" if "us" in s else
-                             f"| {s['tile_keys']} | {s['num_warps']} | {s['stages']} | {s['error']} | |")
+                setting = f"| {s['tile_keys']} | {s['num_warps']} | {s['stages']} | {s.get('transposed', '-')} | "
+                lines.append(setting + (f"{s['us']:.1f} | {s['same_selection']} |" if "us" in s else f"{s['error']} | |"))
     if result.get("slices_sweep"):
         lines += ["", f"## Decode search by number of slices (context {result['sweep_context']})", "",
                   "| preset | slices | us |", "|---|---|---|"]

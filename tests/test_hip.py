@@ -251,7 +251,7 @@ def test_bf16_search_on_gpu_matches_reference(preset, q_len):
 
 
 @pytest.mark.parametrize("launch", [{"tile_keys": 16, "num_warps": 2, "stages": 2},
-                                    {"tile_keys": 256, "num_warps": 8, "stages": 1}])
+                                    {"tile_keys": 256, "num_warps": 8, "stages": 1, "transposed": True}])
 def test_triton_kernel_launch_settings_keep_the_selection(launch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k = _qk(1, 4, 2, 40, 40, 16, seed=3)

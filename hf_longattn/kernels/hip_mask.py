@@ -273,9 +273,10 @@ def hip_mask_reference(
 # Launch settings of the Triton kernels: "prefill" for a search of many query blocks with one beam each (thousands of
 # programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log), "decode" for a
 # sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
-# stages: key tiles in flight while one is scored.
+# stages: key tiles in flight while one is scored; transposed (beam kernel): score keys x queries instead of queries x
+# keys, which moves the max over the queries from across warps to within them.
 LAUNCH_SETTINGS = {
-    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2},
+    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2, "transposed": False},
     "decode": {"tile_keys": 128, "num_warps": 4, "stages": 2},
 }
 
@@ -355,7 +356,8 @@ def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_s
         return True, (n_qb * n_slices, batch * heads), (), constants
     # At least 8 groups (16 halves), and tiles of halves at least 16 keys wide: tl.dot's minimum.
     nsel_p2 = max(8, _next_power_of_2(n_sel))
-    constants.update(NSEL_P2=nsel_p2, CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))))
+    constants.update(NSEL_P2=nsel_p2, CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
+                     TRANSPOSED=settings.get("transposed", False))
     programs = batch * heads * n_qb
     scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32, torch.int64))
     return False, (n_qb, batch * heads), scratch, constants

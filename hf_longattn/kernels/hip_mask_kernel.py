@@ -117,7 +117,7 @@ def hip_mask_kernel(
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
     DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, STRATA: tl.constexpr,
     PRECISION: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr,
+    HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """One program = one (batch, pattern head, query block) with one beam; the algorithm is in hip_mask.py."""
     qb = tl.program_id(0)
@@ -171,10 +171,16 @@ def hip_mask_kernel(
             a = tl.where(half % 2 == 0, gs, mid)
             z = tl.where(half % 2 == 0, mid, ge)
             k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, z > a, k_len, BK, BK_P2, CHUNK)
-            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
-            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
-            best = _block_max(tl.where(visible, s, -1e30), CHUNK, BK_P2)
+            k_tile = _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM)
+            if TRANSPOSED:
+                # Keys as the tile's rows: the max over the queries runs along the dot's N dimension (within warps).
+                s = _scores(k_tile, q_tile, score_scale, softcap_log2, SOFTCAP, PRECISION) - lse[None, :]
+                visible = k_live[:, None] & row_live[None, :] & (k_pos[:, None] <= q_pos[None, :])
+                best = tl.max(tl.reshape(tl.max(tl.where(visible, s, -1e30), axis=1), [CHUNK, BK_P2]), axis=1)
+            else:
+                s = _scores(q_tile, k_tile, score_scale, softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+                visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+                best = _block_max(tl.where(visible, s, -1e30), CHUNK, BK_P2)
             tl.store(scores_ptr + half, tl.where(z > a, best, float("-inf")))
         tl.debug_barrier()
 
