@@ -39,9 +39,9 @@ HEADS, KV_HEADS, DIM = 32, 8, 128
 SWEEP = {
     "prefill": [{"tile_keys": t, "num_warps": w, "stages": 2, "transposed": tr}
                 for t in (64, 128) for w in (4, 8) for tr in (False, True)],
-    "decode": [{"tile_keys": t, "num_warps": w, "stages": s} for t in (128, 256) for w in (4, 8) for s in (1, 2)],
+    "decode": [{"tile_keys": t, "num_warps": w, "stages": 2} for t in (128, 256) for w in (4, 8)],
 }
-SLICES_SWEEP = (4, 8, 16, 32, 64)
+SLICES_SWEEP = (4, 16, 64)
 
 
 def gpu_us(fn) -> float:
