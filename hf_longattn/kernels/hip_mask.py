@@ -10,14 +10,16 @@ exists at any step.
 
 Slices (``slices``; HiP uses them for decode): the n groups are cut into S runs of consecutive groups, and each run
 keeps its own best halves every round (as many as it has groups). That is S independent searches over disjoint
-stretches of the context, which a GPU runs side by side - one program each - where a single search is a chain of
-dependent rounds in one program. ``slices=1`` is the paper's search, one beam over the whole context.
+stretches of the context, which a GPU runs side by side - one short program each, whose rounds fit in registers -
+where a single wide beam is a chain of dependent rounds through memory. ``slices=1`` is the paper's search, one
+beam over the whole context. A stretch then gets exactly its share of the blocks, however the attention mass falls.
 
 What is maximised (``score``): the paper's raw logit q.k, or by default ("probability") the logit minus an estimate
 of the query's log-sum-exp - the log of the softmax probability the key would get. The estimate adds the exact mass
 of the sink and the query's window to the candidates' mass sampled at the centre blocks of 256 equal parts of the
-candidates, each weighted by its part's size (a stratified sample; exact when there are at most 256 candidates). Raw logits are not comparable across queries
-and heads: one head with large logits everywhere picks the blocks for its whole group. On SmolLM2 passkey prompts
+candidates, each weighted by its part's size (a stratified sample; exact when there are at most 256 candidates).
+Raw logits are not comparable across queries and heads: one head with large logits everywhere picks the blocks for
+its whole group. On SmolLM2 passkey prompts
 (2K, a 512-token budget, 20 prompts) an exhaustive top-k of 2-token blocks found 8 passkeys by raw max logit, 12 by
 max probability with only the sink + window mass, 16 with the exact log-sum-exp and 16 with a sampled estimate;
 dense found 13 (benchmarks/results/hip_selection_study.md).
