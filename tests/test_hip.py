@@ -407,7 +407,7 @@ def test_search_with_q_offset_equals_the_search_on_the_real_keys(search, q_len):
 @pytest.mark.parametrize("q_len", [1, 20])
 def test_hip_attends_through_a_static_cache_as_through_the_real_keys(q_len):
     assert Hip.supports_query_offset
-    hip, real = Hip(HipConfig(**SMALL, k=8)), [50, 61]
+    hip, real = Hip(HipConfig(**SMALL, k=8, decode_slices=2)), [50, 61]
     q, k = _qk(batch=2, q_len=q_len, k_len=80, seed=5)
     v = torch.randn_like(k)
     call = AttentionCall(0, 0.25, None, None, q_offset=torch.tensor([n - q_len for n in real]))
@@ -419,7 +419,7 @@ def test_hip_attends_through_a_static_cache_as_through_the_real_keys(q_len):
 
 def test_decode_step_under_torch_compile_is_the_eager_step():
     # The search and the attention are each one opaque custom op: nothing breaks the graph, no Python state changes.
-    hip = Hip(HipConfig(**SMALL, k=8))
+    hip = Hip(HipConfig(**SMALL, k=8, decode_slices=2))
     q, k = _qk(batch=2, q_len=1, k_len=80, seed=6)
     v = torch.randn_like(k)
 
