@@ -31,11 +31,12 @@ from hf_longattn.methods.hip import HipConfig
 from hf_longattn.recall import attention_recall
 
 VARIANTS = {
-    "paper budget, 4 slices (its default)": {"preset": "paper"},
-    "paper budget, 32 slices": {"preset": "paper", "decode_slices": 32},
-    "paper budget, one beam": {"preset": "paper", "decode_slices": 1},
-    "retrieval budget, 16 slices (the default)": {},
-    "retrieval budget, one beam": {"decode_slices": 1},
+    "paper budget (its default: 16 slices, 4x groups)": {"preset": "paper"},
+    "paper budget, 4 slices, no oversampling": {"preset": "paper", "decode_oversample": 1},
+    "paper budget, one beam (the paper)": {"preset": "paper", "decode_slices": 1, "decode_oversample": 1},
+    "retrieval budget (the default: 32 slices, 2x groups)": {},
+    "retrieval budget, 16 slices, no oversampling": {"decode_oversample": 1},
+    "retrieval budget, one beam": {"decode_slices": 1, "decode_oversample": 1},
 }
 _captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 _tail = 0
@@ -51,7 +52,7 @@ def decode_recalls(captured, options: dict) -> torch.Tensor:
     """[layers, positions]: recall (mean over query heads) of the decode search at each captured position."""
     c = HipConfig(**options)
     search = dict(k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
-                  sink=c.sink, window=c.window, score=c.score, slices=c.decode_slices)
+                  sink=c.sink, window=c.window, score=c.score, slices=c.decode_slices, oversample=c.decode_oversample)
     rows = []
     for layer in sorted(captured):
         query, key, scale = captured[layer]

@@ -34,11 +34,13 @@ def _qk(batch=1, hq=4, hkv=2, q_len=48, k_len=48, dim=16, seed=0):
 
 def test_defaults_search_every_step_on_the_retrieval_budget_and_paper_preset_is_the_papers():
     c = HipConfig()
-    assert (c.preset, c.k, c.window, c.refresh_interval, c.decode_slices) == ("retrieval", 2048, 1024, 1, 16)
+    assert (c.preset, c.k, c.window, c.refresh_interval) == ("retrieval", 2048, 1024, 1)
+    # 2 x 1024 groups in slices of 64: 32 slices, the fewest whose halves of 2-token blocks fit one 256-key tile.
+    assert (c.decode_oversample, c.decode_slices) == (2, 32)
     assert (c.block_size_q, c.query_stride, c.block_size_k, c.sink, c.score) == (64, 2, 2, 16, "probability")
     p = HipConfig(preset="paper")
-    assert (p.k, p.window, p.refresh_interval) == (512, 256, 8) == tuple(HIP_PRESETS["paper"].values())
-    assert p.decode_slices == 4  # the fewest slices whose 64 groups of 2-token blocks fit one 256-key tile
+    assert (p.k, p.window, p.refresh_interval, p.decode_oversample) == (512, 256, 8, 4)
+    assert p.decode_slices == 16
     assert HipConfig(preset="paper", refresh_interval=1, k=256).refresh_interval == 1  # explicit options win
     assert HipConfig.from_options("hip", p.options()) == p  # options() round-trips
 
@@ -51,7 +53,8 @@ def test_defaults_search_every_step_on_the_retrieval_budget_and_paper_preset_is_
     ({"query_stride": 128}, "query_stride"),
     ({"refresh_interval": 0}, "refresh_interval"),
     ({"decode_slices": 0}, "decode_slices"),
-    ({"k": 65536, "decode_slices": 32}, "use decode_slices=512 or more"),
+    ({"decode_oversample": 0}, "decode_oversample"),
+    ({"k": 65536, "decode_slices": 32}, "use decode_slices=1024 or more"),
     ({"shared_kv_heads": "yes"}, "shared_kv_heads"),
     ({"score": "mean"}, "score='mean' is unknown"),
     ({"budget": 512}, "no option budget"),
@@ -101,9 +104,10 @@ def test_search_finds_the_exact_top_blocks_on_a_smooth_score_landscape(peak):
     assert pattern.block_indices[0, 0, 0].tolist() == expected
 
 
-def test_each_slice_keeps_the_best_blocks_of_its_own_stretch():
+def test_each_slice_keeps_the_best_blocks_of_its_own_stretch_unless_oversampled():
     # Two peaks, a strong one in the first half of the candidates and a weak one in the second. One beam spends the
-    # whole selection on the strong peak; two slices each take the exact top blocks of their own half.
+    # whole selection on the strong peak; two slices each take the exact top blocks of their own half; two slices
+    # that search twice the groups and keep the best survivors of both spend it on the strong peak again.
     k_len, dim, n_sel, bk = 256, 8, 8, 2
     key = _peaked_keys(k_len, dim, 60) + 0.5 * _peaked_keys(k_len, dim, 190)
     key = key + 1e-3 * torch.randn(1, 1, k_len, dim, generator=torch.Generator().manual_seed(2))
@@ -117,6 +121,7 @@ def test_each_slice_keeps_the_best_blocks_of_its_own_stretch():
     two_slices = hip_mask_reference(query, key, **options, slices=2).block_indices[0, 0, 0].tolist()
     assert one_beam == top(lo, hi, 8) and max(one_beam) < middle
     assert two_slices == top(lo, middle, 4) + top(middle, hi, 4)
+    assert hip_mask_reference(query, key, **options, slices=2, oversample=2).block_indices[0, 0, 0].tolist() == one_beam
 
 
 def test_selection_is_causal_distinct_and_ascending():
@@ -197,11 +202,13 @@ KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
     (1, 4, 2, 1, 300, 16, dict(SMALL, k=256)),  # one query block whose beam is too wide for the sliced kernel
     (2, 4, 2, 40, 70, 16, dict(SMALL, k=8, slices=2)),  # sliced search of many query blocks
     (2, 4, 2, 1, 90, 16, dict(SMALL, k=8, slices=2, q_offset=[60, 85])),  # a static cache's decode step
-    (2, 4, 2, 24, 60, 16, dict(SMALL, k=8, q_offset=[20, 31])),  # ... and its chunked prefill
+    (2, 4, 2, 1, 90, 16, dict(SMALL, k=8, slices=3, oversample=3, score="logit")),  # survivors compete across slices
+    (2, 4, 2, 1, 30, 16, dict(SMALL, k=8, slices=4, oversample=4)),  # fewer candidates than groups: no round
+    (2, 4, 2, 24, 60, 16, dict(SMALL, k=8, q_offset=[20, 31])),  # a static cache's chunked prefill
 ]
 KERNEL_IDS = ["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks", "logit", "softcap",
               "sliced-uneven", "sliced-logit", "single-wide-beam", "sliced-prefill", "q-offset-decode",
-              "q-offset-prefill"]
+              "oversampled", "oversampled-no-round", "q-offset-prefill"]
 
 
 def _compare_kernel(case, device):
@@ -356,7 +363,7 @@ def test_decode_search_lists_the_blocks_that_leave_the_window_before_the_next_se
     hip, state = Hip(config), {}
     q, k = _qk(q_len=1, k_len=41)
     first = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
-    searched = hip_mask_reference(q, k, k=4, **SMALL, slices=config.decode_slices)
+    searched = hip_mask_reference(q, k, k=4, **SMALL, slices=config.decode_slices, oversample=config.decode_oversample)
     # The search's candidates end at block ceil((41 - 4) / 2) = 19 (window 4, block_size_k 2). The next 3 steps grow
     # the keys to 44, whose last query's window starts at key 40: block 19 (keys 38, 39) leaves the window meanwhile.
     for h in range(2):

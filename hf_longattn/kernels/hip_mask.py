@@ -12,7 +12,9 @@ Slices (``slices``; HiP uses them for decode): the n groups are cut into S runs 
 keeps its own best halves every round (as many as it has groups). That is S independent searches over disjoint
 stretches of the context, which a GPU runs side by side - one short program each, whose rounds fit in registers -
 where a single wide beam is a chain of dependent rounds through memory. ``slices=1`` is the paper's search, one
-beam over the whole context. A stretch then gets exactly its share of the blocks, however the attention mass falls.
+beam over the whole context. Alone, slicing gives each stretch exactly its share of the blocks, however the attention
+mass falls; ``oversample=c`` lets the stretches compete: the search runs with c x n groups, every survivor (one
+block) is scored on its own, and the n best of all slices are kept (ties: the lower block).
 
 What is maximised (``score``): the paper's raw logit q.k, or by default ("probability") the logit minus an estimate
 of the query's log-sum-exp - the log of the softmax probability the key would get. The estimate adds the exact mass
@@ -43,6 +45,7 @@ import torch
 from .dense import attention_logits
 from .ops import HAS_TRITON
 from .pattern import SparsePattern, query_block_ranges
+from .workspace import arrival_counters, kept
 
 # Score of a (query, key) pair that causality hides: finite, so that a half that only such pairs reach still ranks
 # above an empty half (-inf). The kernel spells the same value as a literal.
@@ -108,7 +111,7 @@ def _head_layout(num_q_heads: int, num_kv_heads: int, shared_kv_heads: bool):
     return (num_kv_heads, num_q_heads // num_kv_heads) if shared_kv_heads else (num_q_heads, 1)
 
 
-def _check_inputs(query, key, k, block_size_k, q_offset, score, slices):
+def _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample):
     if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
         raise ValueError(f"hip_mask needs query [B, Hq, Lq, D] and key [B, Hkv, Lk, D]; got {tuple(query.shape)} "
                          f"and {tuple(key.shape)}")
@@ -122,8 +125,9 @@ def _check_inputs(query, key, k, block_size_k, q_offset, score, slices):
         raise ValueError(f"k={k} must be a positive multiple of block_size_k={block_size_k}")
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not one of {SCORES}")
-    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
-        raise ValueError(f"slices={slices!r} must be a positive integer")
+    for name, value in (("slices", slices), ("oversample", oversample)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def _even_split(lo: torch.Tensor, hi: torch.Tensor, parts: int) -> torch.Tensor:
@@ -177,14 +181,28 @@ def _sampled_lse(q_sel, keys, q_pos, q_live, lo, hi, start, sink, window, block_
     return (s + weight.unsqueeze(1)).masked_fill(~visible.unsqueeze(1), -torch.inf).logsumexp(-1)
 
 
+def _block_scores(q_sel, keys, q_pos, q_live, lse, blocks, block_size_k, scale, softcap):
+    """[B, H, nc, n]: each key block's score, the max over its tokens and the scored queries of logit - lse (_HIDDEN
+    where no query sees it)."""
+    token = torch.arange(block_size_k, device=blocks.device)
+    k_pos = (blocks.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, n * bk]
+    s = _logits(q_sel, keys, k_pos, scale, softcap) - lse.unsqueeze(-1)
+    visible = (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(1).unsqueeze(-1)) & (k_pos < keys.shape[2]).unsqueeze(-2)
+    visible = visible & q_live.unsqueeze(-1)
+    return s.masked_fill(~visible, _HIDDEN).amax(-2).view(*blocks.shape, block_size_k).amax(-1)
+
+
 def _search(q_sel, keys, q_pos, q_live, lo, hi, start, *, n_sel, block_size_q, block_size_k, sink, window, score,
-            scale, softcap, slices):
+            scale, softcap, slices, oversample=1):
     """(ids [B, H, nc, n_sel], counts [B, H, nc]) for a chunk of nc query blocks."""
     batch, heads, n_qb = q_sel.shape[:3]
-    device, k_len = q_sel.device, keys.shape[2]
-    largest = int(-(-(hi - lo).max().item() // n_sel)) if lo.numel() else 0
+    device = q_sel.device
+    n_keep, n_sel = n_sel, n_sel * oversample  # the search runs oversample x the groups, the best n_keep survive
+    most = int((hi - lo).max().item()) if lo.numel() else 0
+    largest = -(-most // n_sel)
+    final_ranking = oversample > 1 and most > n_keep
     lse = torch.zeros(q_sel.shape[:-1], device=device)  # [B, H, nc, R]
-    if score == "probability" and largest > 1:
+    if score == "probability" and (largest > 1 or final_ranking):
         lse = torch.logaddexp(
             _local_lse(q_sel, keys, q_pos, q_live, start, sink, window, block_size_q, scale, softcap),
             _sampled_lse(q_sel, keys, q_pos, q_live, lo, hi, start, sink, window, block_size_k, scale, softcap))
@@ -199,17 +217,12 @@ def _search(q_sel, keys, q_pos, q_live, lo, hi, start, *, n_sel, block_size_q, b
     width = torch.clamp(n_sel - torch.arange(n_slices, device=device) * per_slice, max=per_slice)
     kept = (torch.arange(per_slice, device=device) < width.unsqueeze(-1)).flatten()
     slice_base = (torch.arange(n_slices, device=device) * 2 * per_slice).unsqueeze(-1)
-    token = torch.arange(block_size_k, device=device)
     while largest > 1:
         mid = starts + (ends - starts + 1) // 2
         half_start = torch.stack([starts, mid], -1).flatten(-2)  # half 2g + side of group g
         half_end = torch.stack([mid, ends], -1).flatten(-2)
         rep = (half_start + half_end - 1).clamp(min=0) // 2
-        k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, halves * bk]
-        s = _logits(q_sel, keys, k_pos, scale, softcap) - lse.unsqueeze(-1)
-        visible = (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(1).unsqueeze(-1)) & (k_pos < k_len).unsqueeze(-2)
-        visible = visible & q_live.unsqueeze(-1)
-        scores = s.masked_fill(~visible, _HIDDEN).amax(-2).view(*rep.shape, block_size_k).amax(-1)
+        scores = _block_scores(q_sel, keys, q_pos, q_live, lse, rep, block_size_k, scale, softcap)
         scores = scores.masked_fill(half_end <= half_start, -torch.inf).view(batch, heads, n_qb, n_slices, -1)
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :per_slice]
         order = (order + slice_base).flatten(-2)
@@ -218,9 +231,19 @@ def _search(q_sel, keys, q_pos, q_live, lo, hi, start, *, n_sel, block_size_q, b
         largest = (largest + 1) // 2
 
     live = ends > starts
-    ids = torch.sort(torch.where(live, starts, torch.iinfo(torch.int32).max), dim=-1).values[..., :n_sel]
+    ids = torch.sort(torch.where(live, starts, torch.iinfo(torch.int32).max), dim=-1).values
     counts = live.sum(-1)
-    ids = torch.where(torch.arange(n_sel, device=device) < counts.unsqueeze(-1), ids, 0)
+    if final_ranking:
+        # The survivors compete across slices: the n_keep best blocks by their own score (ties: the lower block).
+        alive = torch.arange(ids.shape[-1], device=device) < counts.unsqueeze(-1)
+        scores = _block_scores(q_sel, keys, q_pos, q_live, lse, torch.where(alive, ids, 0), block_size_k, scale,
+                               softcap).masked_fill(~alive, -torch.inf)
+        best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+        ids = torch.sort(torch.where(alive.gather(-1, best), ids.gather(-1, best), torch.iinfo(torch.int32).max),
+                         dim=-1).values
+        counts = counts.clamp(max=n_keep)
+    ids = ids[..., :n_keep]
+    ids = torch.where(torch.arange(n_keep, device=device) < counts.unsqueeze(-1), ids, 0)
     return ids.to(torch.int32), counts.to(torch.int32)
 
 
@@ -228,15 +251,16 @@ def hip_mask_reference(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
     score: str = "probability", scale: float | None = None, softcap: float | None = None,
-    q_offset: torch.Tensor | None = None, slices: int = 1,
+    q_offset: torch.Tensor | None = None, slices: int = 1, oversample: int = 1,
 ) -> SparsePattern:
     """query [B, Hq, Lq, D], key [B, Hkv, Lk, D] -> SparsePattern with k // block_size_k blocks per query block.
 
     ``score="probability"`` ranks a half by max over queries of (logit - the query's estimated log-sum-exp);
     ``score="logit"`` by the raw max of q.k, as the paper does. ``scale`` (default head_dim ** -0.5) and ``softcap``
-    are the attention's own. ``q_offset`` [B]: first query positions; ``slices``: independent beams (module doc).
+    are the attention's own. ``q_offset`` [B]: first query positions; ``slices``, ``oversample``: independent beams
+    whose survivors compete (module doc).
     """
-    _check_inputs(query, key, k, block_size_k, q_offset, score, slices)
+    _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample)
     batch, num_q_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
@@ -261,14 +285,14 @@ def hip_mask_reference(
 
     ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
-    widest = max(2 * n_sel, LSE_STRATA, sink + window + block_size_q) * block_size_k
+    widest = max(2 * n_sel * oversample, LSE_STRATA, sink + window + block_size_q) * block_size_k
     chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * q_pos.shape[-1] * widest))
     for c0 in range(0, n_qb, chunk):
         c = slice(c0, min(n_qb, c0 + chunk))
         ids[:, :, c], counts[:, :, c] = _search(
             q_sel[:, :, c], keys, q_pos[:, c], q_live[c], lo[:, c], hi[:, c], start, n_sel=n_sel,
             block_size_q=block_size_q, block_size_k=block_size_k, sink=sink, window=window, score=score, scale=scale,
-            softcap=softcap, slices=slices)
+            softcap=softcap, slices=slices, oversample=oversample)
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 
 
@@ -293,7 +317,7 @@ def hip_mask_triton(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
     score: str = "probability", scale: float | None = None, softcap: float | None = None,
-    q_offset: torch.Tensor | None = None, slices: int = 1, launch: dict | None = None,
+    q_offset: torch.Tensor | None = None, slices: int = 1, oversample: int = 1, launch: dict | None = None,
 ) -> SparsePattern:
     """Same contract and result as `hip_mask_reference`, in Triton (hip_mask_kernel.py).
 
@@ -303,24 +327,31 @@ def hip_mask_triton(
     """
     from .triton_prefill import score_scaling  # Triton is imported on first use only
 
-    _check_inputs(query, key, k, block_size_k, q_offset, score, slices)
+    _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample)
     batch, num_q_heads, q_len, dim = query.shape
     sliced, grid, scratch, constants = _search_plan(
         batch, num_q_heads, key.shape[1], q_len, dim, query.dtype, k, block_size_q, block_size_k, query_stride,
-        shared_kv_heads, score, softcap is not None, kv_start is not None, q_offset is not None, slices,
+        shared_kv_heads, score, softcap is not None, kv_start is not None, q_offset is not None, slices, oversample,
         tuple(sorted((launch or {}).items())))
-    heads, n_qb, n_sel = grid[1] // batch, -(-q_len // block_size_q), k // block_size_k
-    ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=query.device)
-    counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=query.device)
+    device, heads, n_qb, n_sel = query.device, grid[1] // batch, -(-q_len // block_size_q), k // block_size_k
+    ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
+    counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
     if not ids.numel():
         return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
     from .hip_mask_kernel import hip_mask_kernel, hip_slice_kernel
 
-    kernel = hip_slice_kernel if sliced else hip_mask_kernel
+    if not sliced:  # the beam kernel's per-program scratch (prefill: large, and a prefill is not launch-bound)
+        buffers, kernel = [torch.empty(size, dtype=dtype, device=device) for size, dtype in scratch], hip_mask_kernel
+    elif scratch:  # oversampled slices: their survivors, and arrival counters for the last one to merge them
+        (survivors, _), (programs, _) = scratch
+        buffers = [kept(device, "hip survivors", survivors, torch.int32),
+                   kept(device, "hip survivor scores", survivors, torch.float32), arrival_counters(device, programs)]
+        kernel = hip_slice_kernel
+    else:
+        buffers, kernel = [counts, counts, counts], hip_slice_kernel  # not read
     kernel[grid](
-        query, key, counts if kv_start is None else kv_start.to(query.device),
-        counts if q_offset is None else q_offset.to(query.device), ids, counts,
-        *(torch.empty(size, dtype=dtype, device=query.device) for size, dtype in scratch),
+        query, key, counts if kv_start is None else kv_start.to(device),
+        counts if q_offset is None else q_offset.to(device), ids, counts, *buffers,
         *query.stride(), *key.stride(), q_len, key.shape[2], heads, n_qb, sink, window,
         *score_scaling(dim**-0.5 if scale is None else scale, softcap), **constants)
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
@@ -328,17 +359,18 @@ def hip_mask_triton(
 
 @functools.lru_cache(maxsize=256)
 def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_size_q, block_size_k, query_stride,
-                 shared_kv_heads, score, has_softcap, has_kv_start, has_q_offset, slices, launch):
+                 shared_kv_heads, score, has_softcap, has_kv_start, has_q_offset, slices, oversample, launch):
     """(sliced, grid, scratch [(numel, dtype)], kernel constants) of a search; the same at every decode step."""
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
-    n_sel, n_qb = k // block_size_k, -(-q_len // block_size_q)
+    n_keep, n_qb = k // block_size_k, -(-q_len // block_size_q)
+    n_sel = n_keep * oversample  # groups searched
     tile = slice_tile_keys(n_sel, slices, block_size_k)
     several = slice_layout(n_sel, slices)[1] > 1  # (one slice is the single beam, whichever kernel runs it)
-    sliced = several or (n_qb == 1 and tile <= SLICE_TILE_KEYS)
+    sliced = several or oversample > 1 or (n_qb == 1 and tile <= SLICE_TILE_KEYS)
     if sliced and tile > SLICE_TILE_KEYS:
         raise ValueError(f"slices={slices} leaves {slice_layout(n_sel, slices)[0]} groups a slice, whose halves "
                          f"({tile} keys) do not fit one {SLICE_TILE_KEYS}-key tile; use slices >= "
-                         f"{-(-n_sel * 2 * _next_power_of_2(block_size_k) // SLICE_TILE_KEYS)}")
+                         f"{fewest_slices(n_sel, block_size_k)}")
     settings = dict(LAUNCH_SETTINGS["decode" if sliced else "prefill"], **dict(launch))
     # Strided queries a block scores: a power of two up to the whole block (few recompiles for short query blocks).
     nq = min(-(-block_size_q // query_stride), _next_power_of_2(-(-min(q_len, block_size_q) // query_stride)))
@@ -354,8 +386,11 @@ def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_s
     lse_tile = max(16, bk_p2, _next_power_of_2(settings["tile_keys"]))
     if sliced:
         per_slice, n_slices = slice_layout(n_sel, slices)
-        constants.update(NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2), SLICES=n_slices, TILE=lse_tile)
-        return True, (n_qb * n_slices, batch * heads), (), constants
+        constants.update(NKEEP=n_keep, NSEL_P2=_next_power_of_2(n_sel), NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2),
+                         SLICES=n_slices, TILE=lse_tile)
+        programs = batch * heads * n_qb
+        scratch = ((programs * n_sel, torch.int32), (programs, torch.int32)) if oversample > 1 else ()
+        return True, (n_qb * n_slices, batch * heads), scratch, constants
     # At least 8 groups (16 halves), and tiles of halves at least 16 keys wide: tl.dot's minimum.
     nsel_p2 = max(8, _next_power_of_2(n_sel))
     constants.update(NSEL_P2=nsel_p2, CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
@@ -375,18 +410,18 @@ def _search_eager(query, key, **options) -> SparsePattern:
 def _hip_mask_op(
     query: torch.Tensor, key: torch.Tensor, kv_start: torch.Tensor | None, q_offset: torch.Tensor | None, k: int,
     block_size_q: int, block_size_k: int, query_stride: int, sink: int, window: int, shared_kv_heads: bool,
-    score: str, scale: float | None, softcap: float | None, slices: int,
+    score: str, scale: float | None, softcap: float | None, slices: int, oversample: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = _search_eager(
         query, key, k=k, block_size_q=block_size_q, block_size_k=block_size_k, query_stride=query_stride, sink=sink,
         window=window, shared_kv_heads=shared_kv_heads, kv_start=kv_start, score=score, scale=scale, softcap=softcap,
-        q_offset=q_offset, slices=slices)
+        q_offset=q_offset, slices=slices, oversample=oversample)
     return pattern.block_indices, pattern.block_counts
 
 
 @_hip_mask_op.register_fake
 def _(query, key, kv_start, q_offset, k, block_size_q, block_size_k, query_stride, sink, window, shared_kv_heads,
-      score, scale, softcap, slices):
+      score, scale, softcap, slices, oversample):
     heads, _ = _head_layout(query.shape[1], key.shape[1], shared_kv_heads)
     n_qb = -(-query.shape[2] // block_size_q)
     ids = query.new_empty(query.shape[0], heads, n_qb, k // block_size_k, dtype=torch.int32)
@@ -399,9 +434,9 @@ def hip_mask(query: torch.Tensor, key: torch.Tensor, **options) -> SparsePattern
     if not torch.compiler.is_compiling():
         return _search_eager(query, key, **options)
     o = dict(dict(shared_kv_heads=True, kv_start=None, score="probability", scale=None, softcap=None, q_offset=None,
-                  slices=1), **options)
+                  slices=1, oversample=1), **options)
     ids, counts = _hip_mask_op(
         query, key, o["kv_start"], o["q_offset"], o["k"], o["block_size_q"], o["block_size_k"], o["query_stride"],
         o["sink"], o["window"], o["shared_kv_heads"], o["score"], None if o["scale"] is None else float(o["scale"]),
-        None if o["softcap"] is None else float(o["softcap"]), o["slices"])
+        None if o["softcap"] is None else float(o["softcap"]), o["slices"], o["oversample"])
     return SparsePattern(ids, counts, o["block_size_q"], o["block_size_k"], o["sink"], o["window"])

@@ -213,18 +213,37 @@ def hip_mask_kernel(
     tl.store(OUT_COUNT + program, count)
 
 
+@triton.jit
+def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr):
+    """Store, in ascending order, the NKEEP best of the survivors (ids in ascending order, their scores; ties go to
+    the lower block) at out: the n-th largest score is found bit by bit (a radix select), no sort."""
+    bits = scores.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648  # ordered as the floats, >= 0
+    key = tl.where(valid, key, -1)
+    threshold = tl.zeros([], dtype=tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | (tl.full([], 1, tl.int64) << bit)
+        threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), axis=0) >= NKEEP, candidate, threshold)
+    above = key > threshold
+    tied = key == threshold
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= NKEEP - tl.sum(above.to(tl.int32), axis=0)))
+    tl.store(out + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, ids, mask=chosen)
+
+
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_slice_kernel(
-    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT,
+    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, SURVIVORS, SURVIVOR_SCORES, ARRIVALS,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
     q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
     PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
-    DIM_P2: tl.constexpr, NSEL: tl.constexpr, NLOC: tl.constexpr, NLOC_P2: tl.constexpr, SLICES: tl.constexpr,
-    TILE: tl.constexpr, STRATA: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
-    NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr,
+    DIM_P2: tl.constexpr, NSEL: tl.constexpr, NKEEP: tl.constexpr, NSEL_P2: tl.constexpr, NLOC: tl.constexpr,
+    NLOC_P2: tl.constexpr, SLICES: tl.constexpr, TILE: tl.constexpr, STRATA: tl.constexpr, PRECISION: tl.constexpr,
+    STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HAS_Q_OFFSET: tl.constexpr,
 ):
-    """One program = one slice (NLOC consecutive groups) of one (batch, pattern head, query block)'s search."""
+    """One program = one slice (NLOC consecutive groups of NSEL) of one (batch, pattern head, query block)'s search;
+    with oversampling (NSEL > NKEEP) the last slice to finish keeps the NKEEP best survivors of all slices."""
     qb = tl.program_id(0) // SLICES
     sl = tl.program_id(0) % SLICES
     bh = tl.program_id(1)
@@ -249,12 +268,15 @@ def hip_slice_kernel(
     lo, n_cand = _candidates(start, last_pos, k_len, sink, window, BK)
     g = tl.arange(0, NLOC_P2)
     width = tl.minimum(NLOC, NSEL - sl * NLOC)  # groups of this slice (the last slice may be short)
-    first = sl * NLOC  # the slice's first group, and its first slot in the output
-    out = OUT_IDX + program * NSEL + first
-    if n_cand <= NSEL:
-        # Every candidate is selected: slot i holds block lo + i (and 0 past the count).
-        slot = first + g
-        tl.store(out + g, tl.where(slot < n_cand, lo + slot, 0).to(tl.int32), mask=g < width)
+    first = sl * NLOC  # the slice's first group
+    out = OUT_IDX + program * NKEEP
+    SHARE: tl.constexpr = (NKEEP + SLICES - 1) // SLICES
+    if n_cand <= NKEEP:
+        # Every candidate is selected: slot i holds block lo + i (and 0 past the count); each slice writes a share.
+        slot = sl * SHARE + g
+        tl.store(out + slot, tl.where(slot < n_cand, lo + slot, 0).to(tl.int32), mask=(g < SHARE) & (slot < NKEEP))
+        if sl == 0:
+            tl.store(OUT_COUNT + program, n_cand.to(tl.int32))
     else:
         gid = (first + g).to(tl.int64)
         gs = tl.where(g < width, lo + (gid * n_cand) // NSEL, 0).to(tl.int32)
@@ -284,10 +306,33 @@ def hip_slice_kernel(
             ge = tl.sum(tl.where(pick, z[None, :], 0), axis=1)
             ge = tl.where(g < width, ge, gs)  # a slice keeps as many halves as it has groups
             largest = (largest + 1) // 2
-        # The slice's blocks in ascending order: slot = how many of its live blocks lie lower.
+        # The slice's survivors in ascending order (slot = how many of them lie lower), empty groups after them.
         live = ge > gs
-        key = tl.where(live, gs, 2147483647)
+        key = tl.where(live, gs, 2147483647 - g)
         slot = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
-        tl.store(out + slot, gs, mask=live)
-    if sl == 0:
-        tl.store(OUT_COUNT + program, tl.minimum(n_cand, NSEL).to(tl.int32))
+        if NSEL == NKEEP:
+            tl.store(out + first + slot, gs, mask=live)
+            if sl == 0:
+                tl.store(OUT_COUNT + program, tl.full([], NKEEP, tl.int32))
+        else:
+            # Oversampled: every survivor is scored as a block of its own, and the slices' survivors compete.
+            k_pos, k_live = _block_keys(gs, live, k_len, BK, BK_P2, NLOC_P2)
+            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            score = tl.where(live, _block_max(tl.where(visible, s, -1e30), NLOC_P2, BK_P2), float("-inf"))
+            survivors = program * NSEL + first + slot
+            tl.store(SURVIVORS + survivors, gs, mask=g < width)
+            tl.store(SURVIVOR_SCORES + survivors, score, mask=g < width)
+            # All of this program's survivors are written before it counts itself in (release); the last slice to
+            # arrive reads everyone's (acquire), keeps the best and resets the counter for the next launch.
+            tl.debug_barrier()
+            if tl.atomic_add(ARRIVALS + program, 1, sem="acq_rel", scope="gpu") == SLICES - 1:
+                j = tl.arange(0, NSEL_P2)
+                valid = j < NSEL
+                ids = tl.load(SURVIVORS + program * NSEL + j, mask=valid, other=0, cache_modifier=".cg")
+                scores = tl.load(SURVIVOR_SCORES + program * NSEL + j, mask=valid, other=float("-inf"),
+                                 cache_modifier=".cg")
+                _keep_best(ids, scores, valid, out, NKEEP)
+                tl.store(OUT_COUNT + program, tl.full([], NKEEP, tl.int32))
+                tl.atomic_xchg(ARRIVALS + program, 0)

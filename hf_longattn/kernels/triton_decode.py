@@ -6,7 +6,8 @@ of key tiles, and each program attends to a contiguous share of it for all query
 queries (M = G x queries rows). The shares are merged in the same launch: each program writes its partial output and
 log-sum-exp, then counts itself in with an atomic; the last program of a head to arrive merges the partials and
 resets the counter. One launch per step, no memset, no host sync: what matters when decode is launched eagerly, as
-generate() does, where every launch and allocation costs host time that the GPU waits for.
+generate() does, where every launch and allocation costs host time that the GPU waits for (the partials and counters
+are kept between launches: workspace.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_prefill import _load_kv, _scores, _softmax_step, dot_precision, key_tile_size, score_scaling
+from .workspace import arrival_counters, kept
 
 # Decode runs when the queries fit one query block and are at most this many (else the prefill kernel runs).
 MAX_DECODE_QUERIES = 16
@@ -163,24 +165,6 @@ def _programs_wanted(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 partials, int32 arrival counters that every launch leaves at zero), kept per device: a decode step
-    allocates and clears nothing. A launch uses them start to end on the current stream."""
-    partials, arrivals = _WORKSPACE.get(device, (None, None))
-    if partials is None or partials.numel() < floats or arrivals.numel() < counters:
-        grown = (max(floats, 2 * partials.numel()), max(counters, 2 * arrivals.numel())) if partials is not None \
-            else (floats, counters)
-        partials = torch.empty(grown[0], dtype=torch.float32, device=device)
-        arrivals = torch.zeros(grown[1], dtype=torch.int32, device=device)
-        # Memory allocated while a CUDA graph is captured belongs to that graph: use it, do not keep it.
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _WORKSPACE[device] = (partials, arrivals)
-    return partials, arrivals
-
-
 @functools.lru_cache(maxsize=256)
 def _launch_plan(device: torch.device, batch: int, num_q_heads: int, num_kv_heads: int, q_len: int, head_dim: int,
                  heads: int, max_blocks: int, block_size_k: int, sink: int, window: int, dtype: torch.dtype,
@@ -214,8 +198,12 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
         pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens, query.dtype,
         tuple(sorted((config or {}).items())))
     rows = constants["G_PAD"] * constants["Q_PAD"]
-    partials, arrivals = _workspace(query.device, batch * heads * splits * rows * (constants["D_PAD"] + 1),
-                                    batch * heads) if splits > 1 else (query, query)
+    if splits > 1:
+        partials = kept(query.device, "decode partials", batch * heads * splits * rows * (constants["D_PAD"] + 1),
+                        torch.float32)
+        arrivals = arrival_counters(query.device, batch * heads)
+    else:
+        partials = arrivals = query  # not read
     out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)
     idx, cnt = pattern.block_indices, pattern.block_counts
