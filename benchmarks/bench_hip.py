@@ -10,7 +10,7 @@ step (search + sparse attention: the default, a search at every step); the paper
   * graph: the call captured once as a CUDA graph and replayed (no host work at all).
 Prefill at each --prefill-contexts: SDPA's cuDNN backend (dense, causal) against HiP = mask search + the shared sparse
 kernel, per preset, with the search's share. --sweep first times launch settings of both search kernels and the
-number of decode slices, and the fastest settings that keep the selection time the rest.
+decode search's oversampling, and the fastest settings that keep the selection time the rest.
 
     python benchmarks/bench_hip.py --sweep --out benchmarks/results
 
@@ -41,7 +41,7 @@ SWEEP = {
                 for t in (64, 128) for w in (4, 8) for tr in (False, True)],
     "decode": [{"tile_keys": t, "num_warps": w, "stages": 2} for t in (128, 256) for w in (4, 8)],
 }
-SLICES_SWEEP = (4, 16, 64)
+OVERSAMPLE_SWEEP = (1, 2, 4)  # decode search: groups per kept block, each in the fewest slices that fit a tile
 
 
 def gpu_us(fn) -> float:
@@ -81,7 +81,7 @@ def mask_options(config: HipConfig, decode: bool) -> dict:
     return dict(k=config.k, block_size_q=config.block_size_q, block_size_k=config.block_size_k,
                 query_stride=config.query_stride, sink=config.sink, window=config.window,
                 shared_kv_heads=config.shared_kv_heads, score=config.score, scale=DIM**-0.5,
-                slices=config.decode_slices if decode else 1)
+                slices=config.decode_slices if decode else 1, oversample=config.decode_oversample if decode else 1)
 
 
 def qkv(q_len: int, context: int, seed: int):
@@ -101,6 +101,9 @@ def decode(context: int, presets: list[str]) -> dict:
         options = mask_options(config, decode=True)
         rows[f"hip {preset}: search"] = timings(lambda: hip_mask_triton(q, k, **options))
         rows[f"hip {preset}: step (search + attend)"] = timings(lambda: method.attend(q, k, v, call))
+    # The paper's search as one beam (one program per kv head), what a decode step searched with before slicing.
+    beam = dict(mask_options(HipConfig(preset="paper"), decode=True), slices=1, oversample=1)
+    rows["hip paper: search as one beam (before)"] = timings(lambda: hip_mask_triton(q, k, **beam))
     paper = HipConfig(preset="paper")
     method, call = Hip(paper), AttentionCall(0, scale, None, None)
 
@@ -156,17 +159,19 @@ def sweep_launch(phase: str, context: int, preset: str) -> list[dict]:
 
 
 def sweep_slices(context: int, presets: list[str]) -> list[dict]:
-    """The decode search's time by number of slices (the selection differs by design: slices are independent)."""
+    """The decode search's time by oversampling, each in the fewest slices that fit (the selections differ by
+    design; benchmarks/hip_decode_recall.py measures what they keep)."""
     q, k, _ = qkv(1, context, seed=3)
     results = []
     for preset in presets:
-        for slices in SLICES_SWEEP:
-            options = dict(mask_options(HipConfig(preset=preset), decode=True), slices=slices)
+        for oversample in OVERSAMPLE_SWEEP:
+            config = HipConfig(preset=preset, decode_oversample=oversample)
+            entry = {"preset": preset, "oversample": oversample, "slices": config.decode_slices}
             try:
-                results.append({"preset": preset, "slices": slices,
-                                "us": gpu_us(lambda: hip_mask_triton(q, k, **options))})
+                entry["us"] = gpu_us(lambda: hip_mask_triton(q, k, **mask_options(config, decode=True)))
             except Exception as error:  # noqa: BLE001
-                results.append({"preset": preset, "slices": slices, "error": str(error).splitlines()[0][:200]})
+                entry["error"] = str(error).splitlines()[0][:200]
+            results.append(entry)
             print("slices", results[-1], flush=True)
     return results
 
@@ -202,10 +207,10 @@ def markdown(result: dict) -> str:
                 setting = f"| {s['tile_keys']} | {s['num_warps']} | {s['stages']} | {s.get('transposed', '-')} | "
                 lines.append(setting + (f"{s['us']:.1f} | {s['same_selection']} |" if "us" in s else f"{s['error']} | |"))
     if result.get("slices_sweep"):
-        lines += ["", f"## Decode search by number of slices (context {result['sweep_context']})", "",
-                  "| preset | slices | us |", "|---|---|---|"]
-        lines += [f"| {s['preset']} | {s['slices']} | {s['us']:.1f} |" if "us" in s else
-                  f"| {s['preset']} | {s['slices']} | {s['error']} |" for s in result["slices_sweep"]]
+        lines += ["", f"## Decode search by oversampling (context {result['sweep_context']})", "",
+                  "| preset | oversample | slices | us |", "|---|---|---|---|"]
+        lines += [f"| {s['preset']} | {s['oversample']} | {s['slices']} | " + (f"{s['us']:.1f} |" if "us" in s else
+                  f"{s['error']} |") for s in result["slices_sweep"]]
     return "\n".join(lines) + "\n"
 
 
