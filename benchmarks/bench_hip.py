@@ -159,14 +159,17 @@ def sweep_launch(phase: str, context: int, preset: str) -> list[dict]:
 
 
 def sweep_slices(context: int, presets: list[str]) -> list[dict]:
-    """The decode search's time by oversampling, each in the fewest slices that fit (the selections differ by
-    design; benchmarks/hip_decode_recall.py measures what they keep)."""
+    """The decode search's time by oversampling, each in the fewest slices that fit, and the default in twice as many
+    slices (the selections differ by design; benchmarks/hip_decode_recall.py measures what they keep)."""
     q, k, _ = qkv(1, context, seed=3)
     results = []
     for preset in presets:
-        for oversample in OVERSAMPLE_SWEEP:
-            config = HipConfig(preset=preset, decode_oversample=oversample)
-            entry = {"preset": preset, "oversample": oversample, "slices": config.decode_slices}
+        default = HipConfig(preset=preset)
+        settings = [{"decode_oversample": o} for o in OVERSAMPLE_SWEEP]
+        settings.append({"decode_slices": 2 * default.decode_slices})  # narrower slices (fewer registers each)
+        for setting in settings:
+            config = HipConfig(preset=preset, **setting)
+            entry = {"preset": preset, "oversample": config.decode_oversample, "slices": config.decode_slices}
             try:
                 entry["us"] = gpu_us(lambda: hip_mask_triton(q, k, **mask_options(config, decode=True)))
             except Exception as error:  # noqa: BLE001
