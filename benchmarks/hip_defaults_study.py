@@ -30,8 +30,10 @@ VARIANTS = {
     "hip": ("hip", {}),  # the defaults
     "hip-paper": ("hip", {"preset": "paper"}),  # the paper's budget and refresh (the defaults before this study)
     "hip-paper-r1": ("hip", {"preset": "paper", "refresh_interval": 1}),
-    "hip-paper-r1-beam": ("hip", {"preset": "paper", "refresh_interval": 1, "decode_slices": 1}),
-    "hip-beam": ("hip", {"decode_slices": 1}),
+    "hip-paper-r1-beam": ("hip", {"preset": "paper", "refresh_interval": 1, "decode_slices": 1,
+                                  "decode_oversample": 1}),  # the paper's decode search, at every step
+    "hip-beam": ("hip", {"decode_slices": 1, "decode_oversample": 1}),
+    "hip-slices": ("hip", {"decode_oversample": 1}),  # slices that do not compete
     "hip-logit": ("hip", {"score": "logit"}),
 }
 
