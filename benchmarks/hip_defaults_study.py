@@ -6,7 +6,7 @@ eval package's scoring. The table reports found / prompts per length and the per
 order), so that two variants can be compared prompt by prompt.
 
     python benchmarks/hip_defaults_study.py --lengths 2048 4096 8192 --depths 10 --samples 5 --batch-size 10 \\
-        --variants dense hip hip-paper hip-paper-r1 --out benchmarks/results/hip_defaults     # the H200 study
+        --variants dense hip hip-before --out benchmarks/results/hip_defaults     # the H200 study
     python benchmarks/hip_defaults_study.py --lengths 2048 --depths 4 --samples 2 --device cpu --out /tmp/s
 
 Writes hip_defaults.json and hip_defaults.md under --out (after every variant, so a cut run keeps what finished).
@@ -28,7 +28,9 @@ from hf_longattn.eval.niah import make_samples, run_method
 VARIANTS = {
     "dense": ("dense", {}),
     "hip": ("hip", {}),  # the defaults
-    "hip-paper": ("hip", {"preset": "paper"}),  # the paper's budget and refresh (the defaults before this study)
+    "hip-paper": ("hip", {"preset": "paper"}),  # the paper's budget and refresh
+    # The defaults before this study: the paper's budget and refresh, the decode search as one beam.
+    "hip-before": ("hip", {"preset": "paper", "decode_slices": 1, "decode_oversample": 1}),
     "hip-paper-r1": ("hip", {"preset": "paper", "refresh_interval": 1}),
     "hip-paper-r1-beam": ("hip", {"preset": "paper", "refresh_interval": 1, "decode_slices": 1,
                                   "decode_oversample": 1}),  # the paper's decode search, at every step
@@ -61,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--depths", type=int, default=10, help="evenly spaced depths 0..100%%")
     parser.add_argument("--samples", type=int, default=5, help="prompts per (length, depth)")
-    parser.add_argument("--variants", nargs="+", default=["dense", "hip", "hip-paper"], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["dense", "hip", "hip-before"], choices=list(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
