@@ -321,9 +321,9 @@ def hip_mask_triton(
 ) -> SparsePattern:
     """Same contract and result as `hip_mask_reference`, in Triton (hip_mask_kernel.py).
 
-    A search in several slices, or of a single query block whose beam fits one tile, runs the sliced kernel (one
-    program per slice); any other the beam kernel (one program per query block). ``launch`` overrides
-    `LAUNCH_SETTINGS` for tuning: ``tile_keys``, ``num_warps`` and ``stages``.
+    A search in several slices, oversampled, or of a single query block whose beam fits one tile runs the sliced
+    kernel (one program per slice); any other the beam kernel (one program per query block). ``launch`` overrides
+    `LAUNCH_SETTINGS` for tuning: ``tile_keys``, ``num_warps``, ``stages`` and (beam kernel) ``transposed``.
     """
     from .triton_prefill import score_scaling  # Triton is imported on first use only
 
