@@ -250,7 +250,8 @@ def test_bf16_search_on_gpu_matches_reference(preset, q_len):
     q = torch.randn(1, 32, q_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(1, 8, 32768, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     options = dict(k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
-                   sink=c.sink, window=c.window, slices=c.decode_slices if q_len == 1 else 1)
+                   sink=c.sink, window=c.window, slices=c.decode_slices if q_len == 1 else 1,
+                   oversample=c.decode_oversample if q_len == 1 else 1)
     got, expected = hip_mask_triton(q, k, **options), hip_mask_reference(q, k, **options)
     assert torch.equal(got.block_counts, expected.block_counts)
     same = (got.block_indices.unsqueeze(-1) == expected.block_indices.unsqueeze(-2)).any(-1).float().mean()
