@@ -439,6 +439,31 @@ def test_decode_step_under_torch_compile_is_the_eager_step():
     torch.testing.assert_close(compiled(q, k, v, q_offset), step(q, k, v, q_offset), **TOL)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_replays_in_a_cuda_graph():
+    # What torch.compile's reduce-overhead mode does with a static cache: the search, the merge of its slices and the
+    # attention's split merge must all replay from a graph (kept buffers, counters back at zero after every launch).
+    hip = Hip(HipConfig())
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, 8, 16384, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    call = AttentionCall(0, 128**-0.5, None, None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        hip.attend(q, k, v, call)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = hip.attend(q, k, v, call)
+    for seed in (8, 9):
+        q.copy_(torch.randn(q.shape, device="cuda", generator=gen.manual_seed(seed)))
+        graph.replay()
+        torch.testing.assert_close(out, hip.attend(q, k, v, call), atol=0, rtol=0)
+
+
 # --- blocktopk -------------------------------------------------------------------------------------------------------
 
 def test_blocktopk_picks_the_block_with_the_best_mean_key():
