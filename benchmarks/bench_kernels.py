@@ -50,6 +50,17 @@ def bench_ms(fn, cudagraph=False) -> float:
     return triton.testing.do_bench(fn, warmup=max(5, rep // 4), rep=rep)
 
 
+def loop_us(fn, calls=200) -> float:
+    """Back-to-back eager calls timed on the host: max(host, GPU) per call, what plain generate() gets."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - t0) / calls
+
+
 def window_case(k_len, budget, device):
     return window_pattern(1, KV_HEADS, k_len, BLOCK, BLOCK, SINK, budget - SINK, device=device)
 
@@ -223,13 +234,38 @@ def decode_rows(args, device, results, save):
             ours = lambda: sparse_attention(q, k, v, pattern)  # noqa: E731
             row = {"context": k_len, "queries": q_len, "budget": 2048, "pattern": kind,
                    "ours_us": 1e3 * bench_ms(ours), "dense_sdpa_us": 1e3 * bench_ms(dense),
+                   "ours_loop_us": loop_us(ours), "dense_sdpa_loop_us": loop_us(dense),
                    "ours_graph_us": 1e3 * bench_ms(ours, cudagraph=True),
                    "dense_sdpa_graph_us": 1e3 * bench_ms(dense, cudagraph=True)}
             row["speedup"] = row["dense_sdpa_us"] / row["ours_us"]
+            row["speedup_loop"] = row["dense_sdpa_loop_us"] / row["ours_loop_us"]
             row["speedup_graph"] = row["dense_sdpa_graph_us"] / row["ours_graph_us"]
             results["decode"].append(row)
             print("decode", row, flush=True)
             save()
+
+
+DECODE_SWEEP = [dict(BLOCK_N=n, num_warps=w, splits=sp) for n in (32, 64, 128) for w in (4, 8) for sp in (None, 64)]
+
+
+def decode_sweep_rows(args, device, results, save):
+    """Launch settings of the sparse decode kernel (one query, 2K sink + window at the longest context)."""
+    from hf_longattn.kernels.triton_decode import sparse_decode
+
+    k_len = max(args.contexts)
+    k = torch.randn(1, KV_HEADS, k_len, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    pattern = window_pattern(1, KV_HEADS, 1, BLOCK, BLOCK, SINK, 2048 - SINK, device=device)
+    for cfg in DECODE_SWEEP:
+        row = {"context": k_len, **cfg}
+        try:
+            row["us"] = 1e3 * bench_ms(lambda: sparse_decode(q, k, v, pattern, HEAD_DIM**-0.5, None, None, config=cfg))
+        except Exception as e:  # a config that does not fit the chip is a result too
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        results["decode_sweep"].append(row)
+        print("decode sweep", row, flush=True)
+        save()
 
 
 def markdown(results) -> str:
@@ -251,11 +287,22 @@ def markdown(results) -> str:
             f"| {r['ours_tflops_computed']:.0f} / {r['ours_tflops_useful']:.0f} | {r['flex_tflops_computed']:.0f} "
             f"| {d.get('cudnn_tflops', math.nan):.0f} | {r.get('ours_computed_vs_cudnn_tflops', math.nan):.0%} |")
     lines += ["", "## Decode (context 128K, 2K budget)", "",
-              "| queries | pattern | ours (us) | dense SDPA (us) | speedup | ours, CUDA graph | dense, CUDA graph | speedup |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Eager: do_bench (GPU time after an L2 flush); loop: back-to-back eager calls, host included (what "
+              "generate() gets); CUDA graph: replayed.", "",
+              "| queries | pattern | ours (us) | dense SDPA (us) | speedup | ours, loop | dense, loop | speedup "
+              "| ours, CUDA graph | dense, CUDA graph | speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["decode"]:
         lines.append(f"| {r['queries']} | {r['pattern']} | {r['ours_us']:.1f} | {r['dense_sdpa_us']:.1f} | {r['speedup']:.1f}x "
+                     f"| {r.get('ours_loop_us', math.nan):.1f} | {r.get('dense_sdpa_loop_us', math.nan):.1f} "
+                     f"| {r.get('speedup_loop', math.nan):.1f}x "
                      f"| {r['ours_graph_us']:.1f} | {r['dense_sdpa_graph_us']:.1f} | {r['speedup_graph']:.1f}x |")
+    if results.get("decode_sweep"):
+        lines += ["", "## Decode launch settings (one query, 2K sink + window; us)", "",
+                  "| BLOCK_N | num_warps | splits | us |", "|---|---|---|---|"]
+        for r in sorted(results["decode_sweep"], key=lambda r: r.get("us", math.inf)):
+            lines.append(f"| {r['BLOCK_N']} | {r['num_warps']} | {r['splits'] or 'auto'} | "
+                         + (f"{r['us']:.1f} |" if "us" in r else f"{r['error']} |"))
     if results["sweep"]:
         lines += ["", "## Prefill tile configs at 128K, 2K budget (GQA-packed vs one pattern head per query head)", "",
                   "| pattern | BLOCK_M | BLOCK_N | warps | stages | packed (ms) | per query head (ms) |", "|---|---|---|---|---|---|---|"]
@@ -296,7 +343,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--contexts", default="8192,32768,131072")
-    parser.add_argument("--parts", default="prefill,decode,sweep")
+    parser.add_argument("--parts", default="prefill,decode,sweep", help="any of prefill,decode,decode-sweep,sweep")
     parser.add_argument("--name", default="kernels_h200", help="file stem of the results")
     args = parser.parse_args()
     args.contexts = [int(c) for c in args.contexts.split(",")]
@@ -311,7 +358,7 @@ def main():
                "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                            "python": platform.python_version()},
                "prefill_config": default_prefill_config(HEAD_DIM),
-               "dense": [], "prefill": [], "decode": [], "sweep": []}
+               "dense": [], "prefill": [], "decode": [], "sweep": [], "decode_sweep": []}
 
     def save():
         (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
@@ -322,10 +369,13 @@ def main():
         prefill_rows(args, device, results, save)
     if "decode" in parts:
         decode_rows(args, device, results, save)
+    if "decode-sweep" in parts:
+        decode_sweep_rows(args, device, results, save)
     if "sweep" in parts:
         sweep_rows(args, device, results, save)
     save()
-    plot(results, out / f"{args.name}.png")
+    if results["prefill"]:
+        plot(results, out / f"{args.name}.png")
     print(markdown(results))
 
 

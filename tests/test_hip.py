@@ -32,13 +32,17 @@ def _qk(batch=1, hq=4, hkv=2, q_len=48, k_len=48, dim=16, seed=0):
 
 # --- config -------------------------------------------------------------------------------------------------------
 
-def test_defaults_are_the_papers_and_retrieval_preset_is_larger():
+def test_defaults_search_every_step_on_the_retrieval_budget_and_paper_preset_is_the_papers():
     c = HipConfig()
-    assert (c.k, c.block_size_q, c.query_stride, c.block_size_k, c.window, c.sink) == (512, 64, 2, 2, 256, 16)
-    r = HipConfig(preset="retrieval")
-    assert (r.k, r.window) == (2048, 1024) == (HIP_PRESETS["retrieval"]["k"], HIP_PRESETS["retrieval"]["window"])
-    assert HipConfig(preset="retrieval", k=4096).k == 4096  # explicit options win over the preset
-    assert HipConfig.from_options("hip", r.options()) == r  # options() round-trips
+    assert (c.preset, c.k, c.window, c.refresh_interval) == ("retrieval", 2048, 1024, 1)
+    # 2 x 1024 groups in slices of 64: 32 slices, the fewest whose halves of 2-token blocks fit one 256-key tile.
+    assert (c.decode_oversample, c.decode_slices) == (2, 32)
+    assert (c.block_size_q, c.query_stride, c.block_size_k, c.sink, c.score) == (64, 2, 2, 16, "probability")
+    p = HipConfig(preset="paper")
+    assert (p.k, p.window, p.refresh_interval, p.decode_oversample) == (512, 256, 8, 4)
+    assert p.decode_slices == 16
+    assert HipConfig(preset="paper", refresh_interval=1, k=256).refresh_interval == 1  # explicit options win
+    assert HipConfig.from_options("hip", p.options()) == p  # options() round-trips
 
 
 @pytest.mark.parametrize("options,message", [
@@ -48,6 +52,9 @@ def test_defaults_are_the_papers_and_retrieval_preset_is_larger():
     ({"window": -1}, ">= 0"),
     ({"query_stride": 128}, "query_stride"),
     ({"refresh_interval": 0}, "refresh_interval"),
+    ({"decode_slices": 0}, "decode_slices"),
+    ({"decode_oversample": 0}, "decode_oversample"),
+    ({"k": 65536, "decode_slices": 32}, "use decode_slices=1024 or more"),
     ({"shared_kv_heads": "yes"}, "shared_kv_heads"),
     ({"score": "mean"}, "score='mean' is unknown"),
     ({"budget": 512}, "no option budget"),
@@ -97,6 +104,26 @@ def test_search_finds_the_exact_top_blocks_on_a_smooth_score_landscape(peak):
     assert pattern.block_indices[0, 0, 0].tolist() == expected
 
 
+def test_each_slice_keeps_the_best_blocks_of_its_own_stretch_unless_oversampled():
+    # Two peaks, a strong one in the first half of the candidates and a weak one in the second. One beam spends the
+    # whole selection on the strong peak; two slices each take the exact top blocks of their own half; two slices
+    # that search twice the groups and keep the best survivors of both spend it on the strong peak again.
+    k_len, dim, n_sel, bk = 256, 8, 8, 2
+    key = _peaked_keys(k_len, dim, 60) + 0.5 * _peaked_keys(k_len, dim, 190)
+    key = key + 1e-3 * torch.randn(1, 1, k_len, dim, generator=torch.Generator().manual_seed(2))
+    query = torch.ones(1, 1, 8, dim)
+    options = dict(k=n_sel * bk, block_size_q=8, block_size_k=bk, query_stride=1, sink=0, window=8)
+    lo, hi = (int(t) for t in candidate_block_range(1, 8, k_len, 8, bk, 0, 8, None, "cpu"))
+    scores = (key[0, 0] @ query[0, 0].T).amax(-1).view(-1, bk).amax(-1)
+    middle = lo + 4 * (hi - lo) // 8  # the end of groups 0..3: slice 0
+    top = lambda a, z, n: sorted((torch.topk(scores[a:z], n).indices + a).tolist())  # noqa: E731
+    one_beam = hip_mask_reference(query, key, **options).block_indices[0, 0, 0].tolist()
+    two_slices = hip_mask_reference(query, key, **options, slices=2).block_indices[0, 0, 0].tolist()
+    assert one_beam == top(lo, hi, 8) and max(one_beam) < middle
+    assert two_slices == top(lo, middle, 4) + top(middle, hi, 4)
+    assert hip_mask_reference(query, key, **options, slices=2, oversample=2).block_indices[0, 0, 0].tolist() == one_beam
+
+
 def test_selection_is_causal_distinct_and_ascending():
     q, k = _qk(batch=2, q_len=64, k_len=96)
     kv_start = torch.tensor([0, 9])
@@ -132,7 +159,8 @@ def test_local_lse_is_the_log_sum_exp_over_sink_and_window():
     block_size_q, sink, window, kv_start = 8, 3, 5, torch.tensor([0, 6])
     first = torch.arange(5).view(-1, 1) * block_size_q
     q_idx = first + block_size_q - 1 - torch.arange(0, block_size_q, 2)  # the kernel's strided rows
-    lse = _local_lse(q[:, :, q_idx], keys, q_idx, q_idx >= first, kv_start, sink, window, block_size_q, 0.5, None)
+    lse = _local_lse(q[:, :, q_idx], keys, q_idx.expand(2, -1, -1), q_idx >= first, kv_start, sink, window,
+                     block_size_q, 0.5, None)
     for b in range(2):
         start = int(kv_start[b])
         for h in range(2):
@@ -143,17 +171,21 @@ def test_local_lse_is_the_log_sum_exp_over_sink_and_window():
                 torch.testing.assert_close(lse[b, h, j, r], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sampled_lse_weights_each_representative_by_its_half_and_skips_the_window():
-    from hf_longattn.kernels.hip_mask import _sampled_lse
+@pytest.mark.parametrize("candidates", [10, 512])
+def test_sampled_lse_weights_each_part_by_its_size_and_skips_the_window(candidates):
+    from hf_longattn.kernels.hip_mask import LSE_STRATA, _sampled_lse
 
-    # One row at position 20 (window 4: keys 17..20 are its own), three halves of 3, 1 and 2 blocks (block_size_k 1)
-    # represented by keys 5, 10 and 18; key 18 lies in the row's window and is counted elsewhere.
-    logits = torch.tensor([1.0, 2.0, 5.0]).view(1, 1, 1, 1, 3)
-    k_pos = torch.tensor([5, 10, 18]).view(1, 1, 1, 3)
-    half_size = torch.tensor([3, 1, 2]).view(1, 1, 1, 3)
-    visible = torch.ones(1, 1, 1, 1, 3, dtype=torch.bool)
-    lse = _sampled_lse(logits, visible, k_pos, torch.tensor([[20]]), half_size, torch.tensor([0]), sink=2, window=4)
-    torch.testing.assert_close(lse.view(()), torch.tensor(3 * math.e + math.e**2).log())
+    # One query at position 560 with a 100-token window: keys 461..560 are its own (counted elsewhere). Blocks of one
+    # token; the candidates [0, n) fall into 256 parts: single keys when n <= 256 (the sum is exact), pairs when
+    # n = 512, each represented by its first key (the lower centre) with weight 2.
+    logits = torch.randn(600, generator=torch.Generator().manual_seed(candidates))
+    keys, query = logits.view(1, 1, 600, 1), torch.ones(1, 1, 1, 1, 1)
+    lse = _sampled_lse(query, keys, torch.tensor([[[560]]]), torch.tensor([[True]]), torch.tensor([[0]]),
+                       torch.tensor([[candidates]]), torch.tensor([0]), 0, 100, 1, 1.0, None)
+    step = max(1, candidates // LSE_STRATA)
+    sampled = torch.arange(0, candidates, step)
+    sampled = sampled[sampled <= 460]
+    torch.testing.assert_close(lse.view(()), torch.logsumexp(logits[sampled] + math.log(step), 0))
 
 
 KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
@@ -165,15 +197,28 @@ KERNEL_CASES = [  # (batch, hq, hkv, q_len, k_len, dim, options)
     (1, 2, 2, 24, 30, 8, dict(k=3, block_size_q=4, block_size_k=1, query_stride=1, sink=0, window=2)),
     (2, 4, 2, 40, 50, 16, dict(SMALL, k=8, score="logit")),
     (2, 4, 2, 1, 70, 16, dict(SMALL, k=8, scale=0.3, softcap=5.0)),  # decode, Gemma 2's softcap
+    (2, 4, 2, 1, 90, 16, dict(SMALL, k=14, slices=3)),  # 7 groups in slices of 3, 3 and 1
+    (2, 4, 2, 3, 90, 16, dict(SMALL, k=12, slices=4, score="logit")),
+    (1, 4, 2, 1, 300, 16, dict(SMALL, k=256)),  # one query block whose beam is too wide for the sliced kernel
+    (2, 4, 2, 40, 70, 16, dict(SMALL, k=8, slices=2)),  # sliced search of many query blocks
+    (2, 4, 2, 1, 90, 16, dict(SMALL, k=8, slices=2, q_offset=[60, 85])),  # a static cache's decode step
+    (2, 4, 2, 1, 90, 16, dict(SMALL, k=8, slices=3, oversample=3, score="logit")),  # survivors compete across slices
+    (2, 4, 2, 1, 30, 16, dict(SMALL, k=8, slices=4, oversample=4)),  # fewer candidates than groups: no round
+    (2, 4, 2, 24, 60, 16, dict(SMALL, k=8, q_offset=[20, 31])),  # a static cache's chunked prefill
 ]
-KERNEL_IDS = ["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks", "logit", "softcap"]
+KERNEL_IDS = ["prefill", "decode-padded", "per-head-odd", "stride3", "token-blocks", "logit", "softcap",
+              "sliced-uneven", "sliced-logit", "single-wide-beam", "sliced-prefill", "q-offset-decode",
+              "oversampled", "oversampled-no-round", "q-offset-prefill"]
 
 
 def _compare_kernel(case, device):
     batch, hq, hkv, q_len, k_len, dim, options = case
     q, k = _qk(batch, hq, hkv, q_len, k_len, dim, seed=q_len)
     kv_start = torch.tensor([0, 5][:batch])
+    options = dict(options, q_offset=torch.tensor(options["q_offset"])) if "q_offset" in options else options
     expected = hip_mask_reference(q, k, kv_start=kv_start, **options)
+    if "q_offset" in options:
+        options["q_offset"] = options["q_offset"].to(device)
     got = hip_mask_triton(q.to(device), k.to(device), kv_start=kv_start.to(device), **options)
     assert torch.equal(got.block_counts.cpu(), expected.block_counts)
     assert torch.equal(got.block_indices.cpu(), expected.block_indices)
@@ -193,8 +238,28 @@ def test_triton_kernel_matches_reference_on_gpu(case):
     _compare_kernel(case, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset,q_len", [("retrieval", 1), ("paper", 1), ("paper", 300)])
+def test_bf16_search_on_gpu_matches_reference(preset, q_len):
+    # Llama-3-8B's heads at 32K in bf16 (the interpreter's bf16 dots are wrong: only the GPU checks them). The kernel's
+    # bf16 products sum in another order than the reference's float32 ones, so a near tie may rank the other way:
+    # ask for 99% of the same blocks.
+    c = HipConfig(preset=preset)
+    gen = torch.Generator(device="cuda").manual_seed(q_len)
+    q = torch.randn(1, 32, q_len, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, 8, 32768, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    options = dict(k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
+                   sink=c.sink, window=c.window, slices=c.decode_slices if q_len == 1 else 1,
+                   oversample=c.decode_oversample if q_len == 1 else 1)
+    got, expected = hip_mask_triton(q, k, **options), hip_mask_reference(q, k, **options)
+    assert torch.equal(got.block_counts, expected.block_counts)
+    same = (got.block_indices.unsqueeze(-1) == expected.block_indices.unsqueeze(-2)).any(-1).float().mean()
+    assert same >= 0.99, f"only {same:.3f} of the blocks agree"
+
+
 @pytest.mark.parametrize("launch", [{"tile_keys": 16, "num_warps": 2, "stages": 2},
-                                    {"tile_keys": 256, "num_warps": 8, "stages": 1}])
+                                    {"tile_keys": 256, "num_warps": 8, "stages": 1, "transposed": True}])
 def test_triton_kernel_launch_settings_keep_the_selection(launch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k = _qk(1, 4, 2, 40, 40, 16, seed=3)
@@ -299,7 +364,7 @@ def test_decode_search_lists_the_blocks_that_leave_the_window_before_the_next_se
     hip, state = Hip(config), {}
     q, k = _qk(q_len=1, k_len=41)
     first = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
-    searched = hip_mask_reference(q, k, k=4, **SMALL)
+    searched = hip_mask_reference(q, k, k=4, **SMALL, slices=config.decode_slices, oversample=config.decode_oversample)
     # The search's candidates end at block ceil((41 - 4) / 2) = 19 (window 4, block_size_k 2). The next 3 steps grow
     # the keys to 44, whose last query's window starts at key 40: block 19 (keys 38, 39) leaves the window meanwhile.
     for h in range(2):
@@ -319,6 +384,84 @@ def test_decode_searches_again_when_a_call_adds_more_keys_than_the_pattern_cover
     first = hip.select(q, k, AttentionCall(0, 0.25, None, None, state))
     q, k = _qk(q_len=8, k_len=49)  # 8 new keys at once: beyond the 7 steps of one key the search prepared for
     assert hip.select(q, k, AttentionCall(0, 0.25, None, None, state)) is not first
+
+
+def test_default_decode_searches_every_step_and_keeps_no_state(monkeypatch):
+    calls = _count_searches(monkeypatch)
+    model = make_model("llama")
+    ids = random_batch(batch=1, length=40)[0]
+    with torch.no_grad(), patched(model, "hip", **SMALL, k=4):
+        model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        runners = [m.hf_longattn_runner for m in model.modules() if hasattr(m, "hf_longattn_runner")]
+        assert runners and all(r.state == {} for r in runners)
+    assert calls == [40] * 4 + [1] * 16  # the prefill, then every one of the 4 decode steps in each of 4 layers
+
+
+# --- static cache: queries placed by q_offset ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("search,q_len", [(hip_mask_reference, 1), (hip_mask_reference, 20), (hip_mask_triton, 1)])
+def test_search_with_q_offset_equals_the_search_on_the_real_keys(search, q_len):
+    # A static cache: each row's keys past its real length are garbage, and its queries start at q_offset.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    real, options = [50, 61], dict(SMALL, k=8, slices=2 if q_len == 1 else 1)
+    q, k = (t.to(device) for t in _qk(batch=2, q_len=q_len, k_len=80, seed=4))
+    got = search(q, k, q_offset=torch.tensor([n - q_len for n in real], device=device), **options)
+    for b, n in enumerate(real):
+        expected = search(q[b:b + 1], k[b:b + 1, :, :n], **options)
+        assert torch.equal(got.block_counts[b], expected.block_counts[0])
+        assert torch.equal(got.block_indices[b], expected.block_indices[0])
+
+
+@pytest.mark.parametrize("q_len", [1, 20])
+def test_hip_attends_through_a_static_cache_as_through_the_real_keys(q_len):
+    assert Hip.supports_query_offset
+    hip, real = Hip(HipConfig(**SMALL, k=8, decode_slices=2)), [50, 61]
+    q, k = _qk(batch=2, q_len=q_len, k_len=80, seed=5)
+    v = torch.randn_like(k)
+    call = AttentionCall(0, 0.25, None, None, q_offset=torch.tensor([n - q_len for n in real]))
+    out = hip.attend(q, k, v, call)
+    for b, n in enumerate(real):
+        expected = hip.attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], AttentionCall(0, 0.25, None, None))
+        torch.testing.assert_close(out[b:b + 1], expected, **TOL)
+
+
+def test_decode_step_under_torch_compile_is_the_eager_step():
+    # The search and the attention are each one opaque custom op: nothing breaks the graph, no Python state changes.
+    hip = Hip(HipConfig(**SMALL, k=8, decode_slices=2))
+    q, k = _qk(batch=2, q_len=1, k_len=80, seed=6)
+    v = torch.randn_like(k)
+
+    def step(q, k, v, q_offset):
+        return hip.attend(q, k, v, AttentionCall(0, 0.25, None, None, q_offset=q_offset))
+
+    q_offset = torch.tensor([49, 60])
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, q_offset), step(q, k, v, q_offset), **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_replays_in_a_cuda_graph():
+    # What torch.compile's reduce-overhead mode does with a static cache: the search, the merge of its slices and the
+    # attention's split merge must all replay from a graph (kept buffers, counters back at zero after every launch).
+    hip = Hip(HipConfig())
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, 8, 16384, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    call = AttentionCall(0, 128**-0.5, None, None)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        hip.attend(q, k, v, call)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = hip.attend(q, k, v, call)
+    for seed in (8, 9):
+        q.copy_(torch.randn(q.shape, device="cuda", generator=gen.manual_seed(seed)))
+        graph.replay()
+        torch.testing.assert_close(out, hip.attend(q, k, v, call), atol=0, rtol=0)
 
 
 # --- blocktopk -------------------------------------------------------------------------------------------------------

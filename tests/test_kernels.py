@@ -128,6 +128,20 @@ def test_decode_any_number_of_splits(splits):
     torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
 
 
+def test_decode_leaves_its_arrival_counters_at_zero():
+    """The split programs of a head count their arrivals in counters kept between calls, and the last one merges:
+    every call must reset them, or the next call's merge would never run."""
+    from hf_longattn.kernels.triton_decode import sparse_decode
+    from hf_longattn.kernels.workspace import arrival_counters
+
+    q, k, v = qkv(1, 4, 2, 1, 100, 16)
+    pattern = random_pattern(1, 2, 1, 100, 16, 16, 4, sink=4, window=20)
+    first, _ = sparse_decode(q, k, v, pattern, 0.25, None, None, config=dict(BLOCK_N=16, splits=3))
+    again, _ = sparse_decode(q, k, v, pattern, 0.25, None, None, config=dict(BLOCK_N=16, splits=3))
+    assert torch.equal(first, again)
+    assert not arrival_counters(q.device, 1).any()
+
+
 @pytest.mark.parametrize("q_len", [70, 3])  # prefill kernel, decode kernel
 @pytest.mark.parametrize("coverage", ["window", "blocks"])
 def test_full_coverage_is_dense_attention(coverage, q_len):

@@ -1,63 +1,107 @@
 """HiP mask estimation: hierarchical top-k key-block search (Lee et al., "HiP Attention", arXiv 2406.09827).
 
 For each query block, the key blocks that lie past the sink and before its sliding window (the candidates) are split
-into ``n = k / block_size_k`` contiguous groups. Every iteration splits each group into two halves, scores each half
-by its centre ("representative") key block - the max over the block's tokens, the query block's strided queries
+into ``n = k / block_size_k`` contiguous groups. Every round splits each group into two halves, scores each half by
+its centre ("representative") key block - the max over the block's tokens, the query block's strided queries
 (counted back from its last query) and, with a shared selection, the GQA group's query heads - and keeps the ``n``
 best of the ``2n`` halves. The largest group halves each round, so after ceil(log2(candidates / n)) rounds every
-survivor is one key block: the selection. Work per query block is O(n x iterations), never O(Lk); no Lq x Lk tensor
+survivor is one key block: the selection. Work per query block is O(n x rounds), never O(Lk); no Lq x Lk tensor
 exists at any step.
+
+Slices (``slices``; HiP uses them for decode): the n groups are cut into S runs of consecutive groups, and each run
+keeps its own best halves every round (as many as it has groups). That is S independent searches over disjoint
+stretches of the context, which a GPU runs side by side - one short program each, whose rounds fit in registers -
+where a single wide beam is a chain of dependent rounds through memory. ``slices=1`` is the paper's search, one
+beam over the whole context. Alone, slicing gives each stretch exactly its share of the blocks, however the attention
+mass falls; ``oversample=c`` lets the stretches compete: the search runs with c x n groups, every survivor (one
+block) is scored on its own, and the n best of all slices are kept (ties: the lower block).
 
 What is maximised (``score``): the paper's raw logit q.k, or by default ("probability") the logit minus an estimate
 of the query's log-sum-exp - the log of the softmax probability the key would get. The estimate adds the exact mass
-of the sink and the query's window to the candidates' mass sampled by the first round's representatives, each
-weighted by the size of its half (a stratified sample; no extra key is read). Raw logits are not comparable across
-queries and heads: one head with large logits everywhere picks the blocks for its whole group. On SmolLM2 passkey
-prompts (2K, a 512-token budget, 20 prompts) an exhaustive top-k of 2-token blocks found 8 passkeys by raw max logit,
-12 by max probability with only the sink + window mass, 16 with the exact log-sum-exp and 16 with this estimate;
+of the sink and the query's window to the candidates' mass sampled at the centre blocks of 256 equal parts of the
+candidates, each weighted by its part's size (a stratified sample; exact when there are at most 256 candidates).
+Raw logits are not comparable across queries and heads: one head with large logits everywhere picks the blocks for
+its whole group. On SmolLM2 passkey prompts
+(2K, a 512-token budget, 20 prompts) an exhaustive top-k of 2-token blocks found 8 passkeys by raw max logit, 12 by
+max probability with only the sink + window mass, 16 with the exact log-sum-exp and 16 with a sampled estimate;
 dense found 13 (benchmarks/results/hip_selection_study.md).
 
-`hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs the whole search for one
-(batch, head, query block) in one Triton program (hip_mask_kernel.py, imported on first use so that importing the
-package does not import Triton and tests can still choose TRITON_INTERPRET=1). Both break score ties towards the
-lower half index, so they agree exactly up to float rounding. `hip_mask` dispatches: Triton on CUDA, the reference
-elsewhere.
+Positions: the queries are the last Lq of the Lk keys, or start at ``q_offset[b]`` (a static cache whose tail is still
+empty); a key is visible to a query only if it exists (< Lk) and lies at or before the query's position.
+
+`hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs it in Triton
+(hip_mask_kernel.py, imported on first use so that importing the package does not import Triton and tests can still
+choose TRITON_INTERPRET=1): a search of many query blocks with one beam runs one program per (batch, head, query
+block), a sliced search one program per slice. Both break score ties towards the lower half index, so they agree
+exactly up to float rounding. `hip_mask` dispatches (Triton on CUDA, the reference elsewhere) and is a torch custom
+op under torch.compile.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from .dense import attention_logits
 from .ops import HAS_TRITON, on_device
 from .pattern import SparsePattern, query_block_ranges
+from .workspace import arrival_counters, kept
 
 # Score of a (query, key) pair that causality hides: finite, so that a half that only such pairs reach still ranks
 # above an empty half (-inf). The kernel spells the same value as a literal.
 _HIDDEN = -1e30
 # Upper bound on the score elements the reference materialises at once.
 _MAX_SCORE_ELEMENTS = 1 << 24
+# Parts of the candidates whose centre blocks sample their softmax mass (score="probability").
+LSE_STRATA = 256
+# A sliced search scores all halves of its slice in one tile: at most this many keys (2 x groups per slice x block).
+SLICE_TILE_KEYS = 256
+
+SCORES = ("probability", "logit")
+
+
+def _query_starts(batch: int, q_len: int, k_len: int, q_offset, device) -> torch.Tensor:
+    """[B] absolute position of each row's first query."""
+    if q_offset is None:
+        return torch.full((batch,), k_len - q_len, dtype=torch.long, device=device)
+    return q_offset.to(device=device, dtype=torch.long)
 
 
 def candidate_block_range(
     batch: int, q_len: int, k_len: int, block_size_q: int, block_size_k: int, sink: int, window: int,
-    kv_start: torch.Tensor | None, device,
+    kv_start: torch.Tensor | None, device, q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi), each [B, nQB]: the key blocks [lo, hi) a query block chooses from.
 
     lo is the block holding the first key past the sink; hi ends at the last key that the block's last query does not
-    see through its window. Every key a query of the block may see outside sink and window lies in [lo, hi) blocks,
-    so selecting all of them is exact dense attention.
+    see through its window (and at the last key that exists). Every key a query of the block may see outside sink and
+    window lies in [lo, hi) blocks, so selecting all of them is exact dense attention. ``q_offset`` [B]: the first
+    query's position (default: the queries are the last q_len keys).
     """
-    _, last = query_block_ranges(q_len, k_len, block_size_q, device)
+    _, last_row = query_block_ranges(q_len, q_len, block_size_q, device)
+    last = _query_starts(batch, q_len, k_len, q_offset, device).view(-1, 1) + last_row.view(1, -1)
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
     lo = ((start + sink) // block_size_k).view(-1, 1)
     hi = (torch.clamp(last - window + 1, min=0) + block_size_k - 1) // block_size_k
-    hi = torch.maximum(hi.view(1, -1), lo)
-    return lo.expand(batch, hi.shape[1]), hi
+    hi = torch.maximum(torch.clamp(hi, max=-(-k_len // block_size_k)), lo)
+    return lo.expand_as(hi), hi
 
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def slice_layout(n_sel: int, slices: int) -> tuple[int, int]:
+    """(groups per slice, number of slices): the n_sel groups in runs of ceil(n_sel / slices); the last may be short."""
+    per_slice = -(-n_sel // max(1, min(slices, n_sel)))
+    return per_slice, -(-n_sel // per_slice)
+
+
+def fewest_slices(n_sel: int, block_size_k: int) -> int:
+    """The fewest slices whose halves fit one sliced-kernel tile: the widest beams a decode search can run as short
+    programs (1 when even a single group does not fit: one beam, in the beam kernel)."""
+    groups = SLICE_TILE_KEYS // (2 * _next_power_of_2(block_size_k))
+    return -(-n_sel // groups) if groups else 1
 
 
 def _head_layout(num_q_heads: int, num_kv_heads: int, shared_kv_heads: bool):
@@ -67,71 +111,156 @@ def _head_layout(num_q_heads: int, num_kv_heads: int, shared_kv_heads: bool):
     return (num_kv_heads, num_q_heads // num_kv_heads) if shared_kv_heads else (num_q_heads, 1)
 
 
-def _check_inputs(query, key, k, block_size_k):
+def _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample):
     if query.dim() != 4 or key.dim() != 4 or query.shape[-1] != key.shape[-1] or query.shape[0] != key.shape[0]:
         raise ValueError(f"hip_mask needs query [B, Hq, Lq, D] and key [B, Hkv, Lk, D]; got {tuple(query.shape)} "
                          f"and {tuple(key.shape)}")
-    if query.shape[2] > key.shape[2]:
-        raise ValueError(f"{query.shape[2]} queries but only {key.shape[2]} keys: queries are the last Lq keys")
+    if q_offset is None and query.shape[2] > key.shape[2]:
+        raise ValueError(f"{query.shape[2]} queries but only {key.shape[2]} keys: queries are the last Lq keys "
+                         "(pass q_offset to place them elsewhere)")
+    if q_offset is not None and (tuple(q_offset.shape) != (query.shape[0],) or q_offset.dtype.is_floating_point):
+        raise ValueError(f"q_offset must be a [B] = [{query.shape[0]}] integer tensor of first query positions, got "
+                         f"{tuple(q_offset.shape)} {q_offset.dtype}")
     if k < block_size_k or k % block_size_k:
         raise ValueError(f"k={k} must be a positive multiple of block_size_k={block_size_k}")
-
-
-SCORES = ("probability", "logit")
-
-
-def _check_score(score: str) -> None:
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not one of {SCORES}")
+    for name, value in (("slices", slices), ("oversample", oversample)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _even_split(lo: torch.Tensor, hi: torch.Tensor, parts: int) -> torch.Tensor:
+    """[..., parts + 1] bounds of `parts` contiguous, nearly equal runs of the blocks [lo, hi)."""
+    i = torch.arange(parts + 1, device=lo.device)
+    return lo.unsqueeze(-1) + (i * (hi - lo).unsqueeze(-1)) // parts
+
+
+def _logits(q_sel, keys, k_pos, scale, softcap) -> torch.Tensor:
+    """[B, H, nc, R, N]: scores of the strided queries q_sel [B, H, nc, R, D] against the keys at k_pos [B, H|1, nc, N]."""
+    batch, heads, n_qb, n = q_sel.shape[0], q_sel.shape[1], q_sel.shape[2], k_pos.shape[-1]
+    flat = k_pos.clamp(0, keys.shape[2] - 1).expand(batch, heads, n_qb, n).reshape(batch, heads, -1, 1)
+    k_vec = torch.gather(keys, 2, flat.expand(-1, -1, -1, keys.shape[-1])).view(batch, heads, n_qb, n, keys.shape[-1])
+    return attention_logits(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel, k_vec), scale, softcap)
 
 
 def _local_lse(q_sel, keys, q_pos, q_live, start, sink, window, block_size_q, scale, softcap) -> torch.Tensor:
     """[B, H, nQB, R]: each scored query's log-sum-exp over the sink and its sliding window (-inf where it sees none).
 
     That is the part of the query's softmax mass every pattern keeps; `_sampled_lse` estimates the candidates' part.
+    q_pos [B, nQB, R] are the scored queries' positions, q_live [nQB, R] which of them exist.
     """
-    batch, heads, n_qb, rows, dim = q_sel.shape
     k_len, device = keys.shape[2], keys.device
-    sink_pos = start.view(-1, 1) + torch.arange(sink, device=device)  # [B, sink]
+    sink_pos = (start.view(-1, 1) + torch.arange(sink, device=device)).unsqueeze(1)  # [B, 1, sink]
     # Every window of a block lies in the `window + block_size_q - 1` keys that end at its last query.
     span = window + block_size_q - 1 if window else 0
-    win_pos = q_pos.max(-1).values.view(-1, 1) - span + 1 + torch.arange(span, device=device)  # [nQB, span]
-    positions = torch.cat([sink_pos.unsqueeze(1).expand(-1, n_qb, -1), win_pos.expand(batch, -1, -1)], -1)
-    k_vec = torch.gather(keys, 2, positions.clamp(0, k_len - 1).flatten(1).view(batch, 1, -1, 1)
-                         .expand(-1, heads, -1, dim)).view(batch, heads, n_qb, -1, dim)
-    s = attention_logits(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel, k_vec), scale, softcap)
-    pos, qp, first = positions.view(batch, 1, n_qb, 1, -1), q_pos.view(1, 1, n_qb, -1, 1), start.view(-1, 1, 1, 1, 1)
+    win_pos = q_pos.amax(-1, keepdim=True) - span + 1 + torch.arange(span, device=device)  # [B, nQB, span]
+    positions = torch.cat([sink_pos.expand(-1, q_pos.shape[1], -1), win_pos], -1)  # [B, nQB, n]
+    s = _logits(q_sel, keys, positions.unsqueeze(1), scale, softcap)
+    pos, qp, first = positions.unsqueeze(-2), q_pos.unsqueeze(-1), start.view(-1, 1, 1, 1)
     in_sink = torch.arange(positions.shape[-1], device=device) < sink
     visible = torch.where(in_sink, pos < first + sink, (pos > qp - window) & (pos >= first + sink))
-    visible = visible & (pos >= first) & (pos <= qp) & q_live.view(1, 1, n_qb, -1, 1)
-    return s.masked_fill(~visible, -torch.inf).logsumexp(-1)
+    visible = visible & (pos >= first) & (pos <= qp) & (pos < k_len) & q_live.unsqueeze(-1)
+    return s.masked_fill(~visible.unsqueeze(1), -torch.inf).logsumexp(-1)
 
 
-def _sampled_lse(logits, visible, k_pos, q_pos, half_size, start, sink, window) -> torch.Tensor:
-    """[B, H, nc, R]: the first round's representative blocks as a stratified sample of the candidates' softmax mass.
+def _sampled_lse(q_sel, keys, q_pos, q_live, lo, hi, start, sink, window, block_size_k, scale, softcap):
+    """[B, H, nQB, R]: the candidates' softmax mass, sampled at the centre block of each of at most LSE_STRATA equal
+    parts of [lo, hi) and weighted by the part's size; keys a row sees through its window or the sink are left out
+    (`_local_lse` counts them exactly)."""
+    bounds = _even_split(lo, hi, LSE_STRATA)
+    first, last = bounds[..., :-1], bounds[..., 1:]  # [B, nQB, P]
+    size = last - first
+    token = torch.arange(block_size_k, device=lo.device)
+    k_pos = ((((first + last - 1).clamp(min=0) // 2).unsqueeze(-1) * block_size_k + token)).flatten(-2)
+    s = _logits(q_sel, keys, k_pos.unsqueeze(1), scale, softcap)
+    weight = torch.log(size.float()).repeat_interleave(block_size_k, -1).unsqueeze(-2)  # -inf for an empty part
+    pos, qp = k_pos.unsqueeze(-2), q_pos.unsqueeze(-1)
+    visible = (pos <= qp - window) & (pos >= start.view(-1, 1, 1, 1) + sink) & (pos < keys.shape[2])
+    visible = visible & q_live.unsqueeze(-1) & (size > 0).repeat_interleave(block_size_k, -1).unsqueeze(-2)
+    return (s + weight.unsqueeze(1)).masked_fill(~visible.unsqueeze(1), -torch.inf).logsumexp(-1)
 
-    Each half's representative block stands for the half's ``half_size`` blocks; keys a row sees through its window
-    or the sink are left out (`_local_lse` counts them exactly).
-    """
-    weight = torch.log(half_size.float()).repeat_interleave(k_pos.shape[-1] // half_size.shape[-1], -1)
-    past_sink = (k_pos >= start.view(-1, 1, 1, 1) + sink).unsqueeze(-2)
-    outside = (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1) - window) & past_sink
-    return (logits + weight.unsqueeze(-2)).masked_fill(~(visible & outside), -torch.inf).logsumexp(-1)
+
+def _block_scores(q_sel, keys, q_pos, q_live, lse, blocks, block_size_k, scale, softcap):
+    """[B, H, nc, n]: each key block's score, the max over its tokens and the scored queries of logit - lse (_HIDDEN
+    where no query sees it)."""
+    token = torch.arange(block_size_k, device=blocks.device)
+    k_pos = (blocks.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, n * bk]
+    s = _logits(q_sel, keys, k_pos, scale, softcap) - lse.unsqueeze(-1)
+    visible = (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(1).unsqueeze(-1)) & (k_pos < keys.shape[2]).unsqueeze(-2)
+    visible = visible & q_live.unsqueeze(-1)
+    return s.masked_fill(~visible, _HIDDEN).amax(-2).view(*blocks.shape, block_size_k).amax(-1)
+
+
+def _search(q_sel, keys, q_pos, q_live, lo, hi, start, *, n_sel, block_size_q, block_size_k, sink, window, score,
+            scale, softcap, slices, oversample=1):
+    """(ids [B, H, nc, n_sel], counts [B, H, nc]) for a chunk of nc query blocks."""
+    batch, heads, n_qb = q_sel.shape[:3]
+    device = q_sel.device
+    n_keep, n_sel = n_sel, n_sel * oversample  # the search runs oversample x the groups, the best n_keep survive
+    most = int((hi - lo).max().item()) if lo.numel() else 0
+    largest = -(-most // n_sel)
+    final_ranking = oversample > 1 and most > n_keep
+    lse = torch.zeros(q_sel.shape[:-1], device=device)  # [B, H, nc, R]
+    if score == "probability" and (largest > 1 or final_ranking):
+        lse = torch.logaddexp(
+            _local_lse(q_sel, keys, q_pos, q_live, start, sink, window, block_size_q, scale, softcap),
+            _sampled_lse(q_sel, keys, q_pos, q_live, lo, hi, start, sink, window, block_size_k, scale, softcap))
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
+
+    per_slice, n_slices = slice_layout(n_sel, slices)
+    bounds = _even_split(lo, hi, n_sel)  # [B, nc, n_sel + 1]
+    pad = (0, n_slices * per_slice - n_sel)  # the last slice's missing groups are empty
+    starts = torch.nn.functional.pad(bounds[..., :-1], pad).unsqueeze(1).expand(batch, heads, -1, -1).contiguous()
+    ends = torch.nn.functional.pad(bounds[..., 1:], pad).unsqueeze(1).expand(batch, heads, -1, -1).contiguous()
+    # Each slice keeps as many halves as it has groups.
+    width = torch.clamp(n_sel - torch.arange(n_slices, device=device) * per_slice, max=per_slice)
+    kept = (torch.arange(per_slice, device=device) < width.unsqueeze(-1)).flatten()
+    slice_base = (torch.arange(n_slices, device=device) * 2 * per_slice).unsqueeze(-1)
+    while largest > 1:
+        mid = starts + (ends - starts + 1) // 2
+        half_start = torch.stack([starts, mid], -1).flatten(-2)  # half 2g + side of group g
+        half_end = torch.stack([mid, ends], -1).flatten(-2)
+        rep = (half_start + half_end - 1).clamp(min=0) // 2
+        scores = _block_scores(q_sel, keys, q_pos, q_live, lse, rep, block_size_k, scale, softcap)
+        scores = scores.masked_fill(half_end <= half_start, -torch.inf).view(batch, heads, n_qb, n_slices, -1)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :per_slice]
+        order = (order + slice_base).flatten(-2)
+        starts, ends = half_start.gather(-1, order), half_end.gather(-1, order)
+        ends = torch.where(kept, ends, starts)
+        largest = (largest + 1) // 2
+
+    live = ends > starts
+    ids = torch.sort(torch.where(live, starts, torch.iinfo(torch.int32).max), dim=-1).values
+    counts = live.sum(-1)
+    if final_ranking:
+        # The survivors compete across slices: the n_keep best blocks by their own score (ties: the lower block).
+        alive = torch.arange(ids.shape[-1], device=device) < counts.unsqueeze(-1)
+        scores = _block_scores(q_sel, keys, q_pos, q_live, lse, torch.where(alive, ids, 0), block_size_k, scale,
+                               softcap).masked_fill(~alive, -torch.inf)
+        best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+        ids = torch.sort(torch.where(alive.gather(-1, best), ids.gather(-1, best), torch.iinfo(torch.int32).max),
+                         dim=-1).values
+        counts = counts.clamp(max=n_keep)
+    ids = ids[..., :n_keep]
+    ids = torch.where(torch.arange(n_keep, device=device) < counts.unsqueeze(-1), ids, 0)
+    return ids.to(torch.int32), counts.to(torch.int32)
 
 
 def hip_mask_reference(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
     score: str = "probability", scale: float | None = None, softcap: float | None = None,
+    q_offset: torch.Tensor | None = None, slices: int = 1, oversample: int = 1,
 ) -> SparsePattern:
     """query [B, Hq, Lq, D], key [B, Hkv, Lk, D] -> SparsePattern with k // block_size_k blocks per query block.
 
     ``score="probability"`` ranks a half by max over queries of (logit - the query's estimated log-sum-exp);
     ``score="logit"`` by the raw max of q.k, as the paper does. ``scale`` (default head_dim ** -0.5) and ``softcap``
-    are the attention's own.
+    are the attention's own. ``q_offset`` [B]: first query positions; ``slices``, ``oversample``: independent beams
+    whose survivors compete (module doc).
     """
-    _check_inputs(query, key, k, block_size_k)
-    _check_score(score)
+    _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample)
     batch, num_q_heads, q_len, dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
@@ -145,128 +274,170 @@ def hip_mask_reference(
     q_idx = last - torch.arange(0, block_size_q, query_stride, device=device)  # [nQB, NQ]
     q_sel = query.float()[:, :, q_idx.clamp(min=0)]  # [B, Hq, nQB, NQ, D]
     q_sel = q_sel.view(batch, heads, per_head, n_qb, q_idx.shape[1], dim).transpose(2, 3).flatten(3, 4)
-    q_pos = (q_idx + k_len - q_len).repeat(1, per_head)  # [nQB, R]
-    q_live = (q_idx >= first).repeat(1, per_head)
+    q_pos = _query_starts(batch, q_len, k_len, q_offset, device).view(-1, 1, 1) + q_idx.repeat(1, per_head)
+    q_live = (q_idx >= first).repeat(1, per_head)  # [nQB, R]
     kv_head = torch.arange(heads, device=device) // (num_q_heads // num_kv_heads // per_head)
-    keys = key.float()[:, kv_head]  # [B, H, Lk, D]; a view-free gather only over heads
+    keys = key.float()[:, kv_head]  # [B, H, Lk, D]
     scale = dim**-0.5 if scale is None else scale
     start = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.to(device).long()
-    lse = torch.zeros(q_sel.shape[:-1], device=device)  # [B, H, nQB, R]
-    if score == "probability":
-        for c0 in range(0, n_qb, 64):  # a few query blocks at a time bound the local score table
-            c = slice(c0, min(n_qb, c0 + 64))
-            lse[:, :, c] = _local_lse(q_sel[:, :, c], keys, q_pos[c], q_live[c], start, sink, window, block_size_q,
-                                      scale, softcap)
+    lo, hi = candidate_block_range(batch, q_len, k_len, block_size_q, block_size_k, sink, window, kv_start, device,
+                                   q_offset)
 
-    lo, hi = candidate_block_range(batch, q_len, k_len, block_size_q, block_size_k, sink, window, kv_start, device)
-    count = (hi - lo).unsqueeze(1).expand(batch, heads, n_qb)
-    i = torch.arange(n_sel + 1, device=device)
-    bounds = lo.unsqueeze(-1) + (i * count[:, 0].unsqueeze(-1)) // n_sel  # [B, nQB, n+1]
-    starts = bounds[..., :-1].unsqueeze(1).expand(batch, heads, n_qb, n_sel).contiguous()
-    ends = bounds[..., 1:].unsqueeze(1).expand(batch, heads, n_qb, n_sel).contiguous()
-
-    largest = int(-(-count.max().item() // n_sel)) if count.numel() else 0
-    token = torch.arange(block_size_k, device=device)
-    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * q_pos.shape[1] * 2 * n_sel * block_size_k))
-    first_round = True
-    while largest > 1:
-        mid = starts + (ends - starts + 1) // 2
-        half_start = torch.stack([starts, mid], -1).flatten(-2)  # half 2g + side of group g
-        half_end = torch.stack([mid, ends], -1).flatten(-2)
-        scores = torch.empty(half_start.shape, device=device)
-        for c0 in range(0, n_qb, chunk):
-            c = slice(c0, min(n_qb, c0 + chunk))
-            rep = (half_start[:, :, c] + half_end[:, :, c] - 1).clamp(min=0) // 2
-            k_pos = (rep.unsqueeze(-1) * block_size_k + token).flatten(-2)  # [B, H, nc, 2n * bk]
-            k_vec = torch.gather(keys, 2, k_pos.clamp(max=k_len - 1).flatten(2).unsqueeze(-1).expand(-1, -1, -1, dim))
-            s = attention_logits(torch.einsum("bhqrd,bhqnd->bhqrn", q_sel[:, :, c], k_vec.view(*k_pos.shape, dim)),
-                                 scale, softcap)
-            causal = k_pos.unsqueeze(-2) <= q_pos[c].unsqueeze(-1)
-            visible = causal & q_live[c].unsqueeze(-1) & (k_pos < k_len).unsqueeze(-2)
-            if first_round and score == "probability":
-                size = half_end[:, :, c] - half_start[:, :, c]
-                sampled = _sampled_lse(s, visible, k_pos, q_pos[c], size, start, sink, window)
-                lse[:, :, c] = torch.logaddexp(lse[:, :, c], sampled)
-                lse[:, :, c] = torch.where(torch.isfinite(lse[:, :, c]), lse[:, :, c], 0.0)
-            s = (s - lse[:, :, c].unsqueeze(-1)).masked_fill(~visible, _HIDDEN).amax(-2)
-            scores[:, :, c] = s.view(*rep.shape, block_size_k).amax(-1)
-        scores = scores.masked_fill(half_end <= half_start, -torch.inf)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_sel]
-        starts, ends = half_start.gather(-1, order), half_end.gather(-1, order)
-        largest = (largest + 1) // 2
-        first_round = False
-
-    live = ends > starts
-    ids = torch.sort(torch.where(live, starts, torch.iinfo(torch.int32).max), dim=-1).values
-    counts = live.sum(-1)
-    ids = torch.where(torch.arange(n_sel, device=device) < counts.unsqueeze(-1), ids, 0)
-    return SparsePattern(ids.to(torch.int32), counts.to(torch.int32), block_size_q, block_size_k, sink, window)
+    ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
+    counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
+    widest = max(2 * n_sel * oversample, LSE_STRATA, sink + window + block_size_q) * block_size_k
+    chunk = max(1, _MAX_SCORE_ELEMENTS // max(1, batch * heads * q_pos.shape[-1] * widest))
+    for c0 in range(0, n_qb, chunk):
+        c = slice(c0, min(n_qb, c0 + chunk))
+        ids[:, :, c], counts[:, :, c] = _search(
+            q_sel[:, :, c], keys, q_pos[:, c], q_live[c], lo[:, c], hi[:, c], start, n_sel=n_sel,
+            block_size_q=block_size_q, block_size_k=block_size_k, sink=sink, window=window, score=score, scale=scale,
+            softcap=softcap, slices=slices, oversample=oversample)
+    return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 
 
-# Launch settings of the Triton kernel, for a prefill (thousands of programs: batch x heads x query blocks) and a
-# decode step (one program per batch row and head). The fastest of a sweep on an H200 at 128K won both
-# (benchmarks/results/hip_mask_sweep_h200.log).
+# Launch settings of the Triton kernels: "prefill" for a search of many query blocks with one beam each (thousands of
+# programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log), "decode" for a
+# sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
+# stages: key tiles in flight while one is scored; transposed (beam kernel): score keys x queries instead of queries x
+# keys, which moves the max over the queries from across warps to within them.
 LAUNCH_SETTINGS = {
-    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2},
-    "decode": {"tile_keys": 64, "num_warps": 4, "stages": 2},
+    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2, "transposed": False},
+    "decode": {"tile_keys": 128, "num_warps": 4, "stages": 2},
 }
+
+
+def slice_tile_keys(n_sel: int, slices: int, block_size_k: int) -> int:
+    """Keys a sliced search scores per round in one tile (>= 16, tl.dot's minimum)."""
+    per_slice, _ = slice_layout(n_sel, slices)
+    return max(16, 2 * _next_power_of_2(per_slice) * _next_power_of_2(block_size_k))
 
 
 def hip_mask_triton(
     query: torch.Tensor, key: torch.Tensor, *, k: int, block_size_q: int, block_size_k: int, query_stride: int,
     sink: int, window: int, shared_kv_heads: bool = True, kv_start: torch.Tensor | None = None,
-    score: str = "probability", scale: float | None = None, softcap: float | None = None, launch: dict | None = None,
+    score: str = "probability", scale: float | None = None, softcap: float | None = None,
+    q_offset: torch.Tensor | None = None, slices: int = 1, oversample: int = 1, launch: dict | None = None,
 ) -> SparsePattern:
-    """Same contract and result as `hip_mask_reference`, one Triton program per (batch, head, query block).
+    """Same contract and result as `hip_mask_reference`, in Triton (hip_mask_kernel.py).
 
-    ``launch`` overrides `LAUNCH_SETTINGS` for tuning: ``tile_keys`` (keys scored per tile), ``num_warps`` and
-    ``stages`` (key tiles in flight while one is scored).
+    A search in several slices, oversampled, or of a single query block whose beam fits one tile runs the sliced
+    kernel (one program per slice); any other the beam kernel (one program per query block). ``launch`` overrides
+    `LAUNCH_SETTINGS` for tuning: ``tile_keys``, ``num_warps``, ``stages`` and (beam kernel) ``transposed``.
     """
     from .triton_prefill import score_scaling  # Triton is imported on first use only
 
-    _check_inputs(query, key, k, block_size_k)
-    _check_score(score)
+    _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample)
     batch, num_q_heads, q_len, dim = query.shape
-    num_kv_heads, k_len = key.shape[1], key.shape[2]
-    heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
-    n_sel, device = k // block_size_k, query.device
-    n_qb = -(-q_len // block_size_q)
-    score_scale, softcap_log2 = score_scaling(dim**-0.5 if scale is None else scale, softcap)
-    nq = -(-block_size_q // query_stride)
-    # At least 8 groups (16 halves): a score tile must be >= 16 keys wide for tl.dot.
-    nsel_p2, bk_p2 = max(8, _next_power_of_2(n_sel)), _next_power_of_2(block_size_k)
-    halves = 2 * nsel_p2
-    if kv_start is None:
-        kv_start = torch.zeros(batch, dtype=torch.int32, device=device)
-    programs = batch * heads * n_qb
-    groups = torch.empty(programs, halves, dtype=torch.int32, device=device)
-    scores = torch.empty(programs, halves, dtype=torch.float32, device=device)
-    sorted_keys = torch.empty(programs, halves, dtype=torch.int64, device=device)
+    sliced, grid, scratch, constants = _search_plan(
+        batch, num_q_heads, key.shape[1], q_len, dim, query.dtype, k, block_size_q, block_size_k, query_stride,
+        shared_kv_heads, score, softcap is not None, kv_start is not None, q_offset is not None, slices, oversample,
+        tuple(sorted((launch or {}).items())))
+    device, heads, n_qb, n_sel = query.device, grid[1] // batch, -(-q_len // block_size_q), k // block_size_k
     ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
-    settings = dict(LAUNCH_SETTINGS["decode" if n_qb == 1 else "prefill"], **(launch or {}))
-    # Halves per tile: a power of two, and a tile at least 16 keys wide for tl.dot.
-    chunk = min(halves, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2)))
-    if programs:
-        from .hip_mask_kernel import hip_mask_kernel
+    if not ids.numel():
+        return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
+    from .hip_mask_kernel import hip_mask_kernel, hip_slice_kernel
 
-        hip_mask_kernel[(n_qb, batch * heads)](
-            query, key, kv_start.to(device=device, dtype=torch.int32), ids, counts, groups, scores, sorted_keys,
-            *query.stride(), *key.stride(), q_len, k_len, heads, n_qb, sink, window, score_scale, softcap_log2,
-            PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
-            STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k,
-            BK_P2=bk_p2, DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, NSEL_P2=nsel_p2,
-            CHUNK=chunk, PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            STAGES=settings["stages"], NORMALIZE=score == "probability", SOFTCAP=softcap is not None,
-            num_warps=settings["num_warps"],
-        )
+    if not sliced:  # the beam kernel's per-program scratch (prefill: large, and a prefill is not launch-bound)
+        buffers, kernel = [torch.empty(size, dtype=dtype, device=device) for size, dtype in scratch], hip_mask_kernel
+    elif scratch:  # oversampled slices: their survivors, and arrival counters for the last one to merge them
+        (survivors, _), (programs, _) = scratch
+        buffers = [kept(device, "hip survivors", survivors, torch.int32),
+                   kept(device, "hip survivor scores", survivors, torch.float32), arrival_counters(device, programs)]
+        kernel = hip_slice_kernel
+    else:
+        buffers, kernel = [counts, counts, counts], hip_slice_kernel  # not read
+    kernel[grid](
+        query, key, counts if kv_start is None else kv_start.to(device),
+        counts if q_offset is None else q_offset.to(device), ids, counts, *buffers,
+        *query.stride(), *key.stride(), q_len, key.shape[2], heads, n_qb, sink, window,
+        *score_scaling(dim**-0.5 if scale is None else scale, softcap), **constants)
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 
 
-def hip_mask(query: torch.Tensor, key: torch.Tensor, **options) -> SparsePattern:
-    """HiP's top-k key-block selection: the Triton kernel on CUDA tensors (when Triton is installed), the PyTorch
-    reference elsewhere."""
+@functools.lru_cache(maxsize=256)
+def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_size_q, block_size_k, query_stride,
+                 shared_kv_heads, score, has_softcap, has_kv_start, has_q_offset, slices, oversample, launch):
+    """(sliced, grid, scratch [(numel, dtype)], kernel constants) of a search; the same at every decode step."""
+    heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
+    n_keep, n_qb = k // block_size_k, -(-q_len // block_size_q)
+    n_sel = n_keep * oversample  # groups searched
+    tile = slice_tile_keys(n_sel, slices, block_size_k)
+    several = slice_layout(n_sel, slices)[1] > 1  # (one slice is the single beam, whichever kernel runs it)
+    sliced = several or oversample > 1 or (n_qb == 1 and tile <= SLICE_TILE_KEYS)
+    if sliced and tile > SLICE_TILE_KEYS:
+        raise ValueError(f"slices={slices} leaves {slice_layout(n_sel, slices)[0]} groups a slice, whose halves "
+                         f"({tile} keys) do not fit one {SLICE_TILE_KEYS}-key tile; use slices >= "
+                         f"{fewest_slices(n_sel, block_size_k)}")
+    settings = dict(LAUNCH_SETTINGS["decode" if sliced else "prefill"], **dict(launch))
+    # Strided queries a block scores: a power of two up to the whole block (few recompiles for short query blocks).
+    nq = min(-(-block_size_q // query_stride), _next_power_of_2(-(-min(q_len, block_size_q) // query_stride)))
+    bk_p2 = _next_power_of_2(block_size_k)
+    constants = dict(
+        PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
+        STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k, BK_P2=bk_p2,
+        DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, STRATA=LSE_STRATA,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32", STAGES=settings["stages"],
+        NORMALIZE=score == "probability", SOFTCAP=has_softcap, HAS_KV_START=has_kv_start,
+        HAS_Q_OFFSET=has_q_offset, num_warps=settings["num_warps"],
+    )
+    lse_tile = max(16, bk_p2, _next_power_of_2(settings["tile_keys"]))
+    if sliced:
+        per_slice, n_slices = slice_layout(n_sel, slices)
+        constants.update(NKEEP=n_keep, NSEL_P2=_next_power_of_2(n_sel), NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2),
+                         SLICES=n_slices, TILE=lse_tile)
+        programs = batch * heads * n_qb
+        scratch = ((programs * n_sel, torch.int32), (programs, torch.int32)) if oversample > 1 else ()
+        return True, (n_qb * n_slices, batch * heads), scratch, constants
+    # At least 8 groups (16 halves), and tiles of halves at least 16 keys wide: tl.dot's minimum.
+    nsel_p2 = max(8, _next_power_of_2(n_sel))
+    constants.update(NSEL_P2=nsel_p2, CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
+                     TRANSPOSED=settings.get("transposed", False))
+    programs = batch * heads * n_qb
+    scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32, torch.int64))
+    return False, (n_qb, batch * heads), scratch, constants
+
+
+def _search_eager(query, key, **options) -> SparsePattern:
     if query.is_cuda and HAS_TRITON:
         with on_device(query):  # a layer on cuda:1 under device_map
             return hip_mask_triton(query, key, **options)
     return hip_mask_reference(query, key, **options)
+
+
+@torch.library.custom_op("hf_longattn::hip_mask", mutates_args=())
+def _hip_mask_op(
+    query: torch.Tensor, key: torch.Tensor, kv_start: torch.Tensor | None, q_offset: torch.Tensor | None, k: int,
+    block_size_q: int, block_size_k: int, query_stride: int, sink: int, window: int, shared_kv_heads: bool,
+    score: str, scale: float | None, softcap: float | None, slices: int, oversample: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pattern = _search_eager(
+        query, key, k=k, block_size_q=block_size_q, block_size_k=block_size_k, query_stride=query_stride, sink=sink,
+        window=window, shared_kv_heads=shared_kv_heads, kv_start=kv_start, score=score, scale=scale, softcap=softcap,
+        q_offset=q_offset, slices=slices, oversample=oversample)
+    return pattern.block_indices, pattern.block_counts
+
+
+@_hip_mask_op.register_fake
+def _(query, key, kv_start, q_offset, k, block_size_q, block_size_k, query_stride, sink, window, shared_kv_heads,
+      score, scale, softcap, slices, oversample):
+    heads, _ = _head_layout(query.shape[1], key.shape[1], shared_kv_heads)
+    n_qb = -(-query.shape[2] // block_size_q)
+    ids = query.new_empty(query.shape[0], heads, n_qb, k // block_size_k, dtype=torch.int32)
+    return ids, query.new_empty(query.shape[0], heads, n_qb, dtype=torch.int32)
+
+
+def hip_mask(query: torch.Tensor, key: torch.Tensor, **options) -> SparsePattern:
+    """HiP's top-k key-block selection: the Triton kernels on CUDA tensors (when Triton is installed), the PyTorch
+    reference elsewhere; under torch.compile one opaque custom op (hf_longattn::hip_mask)."""
+    if not torch.compiler.is_compiling():
+        return _search_eager(query, key, **options)
+    o = dict(dict(shared_kv_heads=True, kv_start=None, score="probability", scale=None, softcap=None, q_offset=None,
+                  slices=1, oversample=1), **options)
+    ids, counts = _hip_mask_op(
+        query, key, o["kv_start"], o["q_offset"], o["k"], o["block_size_q"], o["block_size_k"], o["query_stride"],
+        o["sink"], o["window"], o["shared_kv_heads"], o["score"], None if o["scale"] is None else float(o["scale"]),
+        None if o["softcap"] is None else float(o["softcap"]), o["slices"], o["oversample"])
+    return SparsePattern(ids, counts, o["block_size_q"], o["block_size_k"], o["sink"], o["window"])

@@ -1,7 +1,13 @@
-"""The Triton kernel of HiP's mask estimation; hip_mask.py holds the algorithm's description, the PyTorch reference
-and the launcher (`hip_mask_triton`). One program = one (batch, pattern head, query block): the whole hierarchical
-search runs in registers plus a small per-program scratch area in global memory (the current groups, the halves'
-scores, their sorted order), with barriers between the phases that exchange data across threads.
+"""The Triton kernels of HiP's mask estimation; hip_mask.py holds the algorithm's description, the PyTorch reference
+and the launcher (`hip_mask_triton`).
+
+* `hip_mask_kernel`: one beam per query block (``slices=1``), one program per (batch, pattern head, query block). The
+  beam can be wide (the paper's 256 groups = 512 halves a round), so the halves are scored in tiles into a small
+  per-program scratch area in global memory and sorted there, with barriers between the phases.
+* `hip_slice_kernel`: a sliced search, one program per (batch, pattern head, query block, slice). A slice is narrow
+  (at most 64 groups of 2-token blocks), so a round lives in registers: all its halves are scored in one tile and the
+  best are kept by rank (each half counts the halves that beat it) instead of a sort through memory. A decode step
+  is then a few short programs per kv head instead of one long chain of rounds.
 """
 
 import triton
@@ -21,38 +27,99 @@ def _lse_update(m_i, l_i, s, visible):
 
 @triton.jit
 def _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM: tl.constexpr):
-    return tl.load(kv_base + k_pos[:, None] * stride_kl + d[None, :] * stride_kd,
+    return tl.load(kv_base + k_pos[:, None].to(tl.int64) * stride_kl + d[None, :] * stride_kd,
                    mask=k_live[:, None] & (d[None, :] < DIM), other=0.0)
 
 
 @triton.jit
-def _halves(groups, half, k_len, NSEL_P2: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, CHUNK: tl.constexpr):
-    """Halves `half` of the current groups: their block ranges [a, z) and the key positions of their representative
-    (centre) blocks, with which of those keys exist."""
+def _block_keys(rep, live, k_len, BK: tl.constexpr, BK_P2: tl.constexpr, N: tl.constexpr):
+    """Key positions of the N key blocks `rep` (BK tokens each, padded to BK_P2) and which of them exist."""
     t = tl.arange(0, BK_P2)
-    gs = tl.load(groups + half // 2)
-    ge = tl.load(groups + NSEL_P2 + half // 2)
-    mid = gs + (ge - gs + 1) // 2
-    a = tl.where(half % 2 == 0, gs, mid)
-    z = tl.where(half % 2 == 0, mid, ge)
-    rep = tl.maximum(a + z - 1, 0) // 2
-    k_pos = tl.reshape(rep[:, None] * BK + t[None, :], [CHUNK * BK_P2])
-    k_live = tl.reshape((t[None, :] < BK) & (z > a)[:, None], [CHUNK * BK_P2]) & (k_pos < k_len)
-    return a, z, k_pos, k_live
+    k_pos = tl.reshape(rep[:, None] * BK + t[None, :], [N * BK_P2])
+    k_live = tl.reshape((t[None, :] < BK) & live[:, None], [N * BK_P2]) & (k_pos < k_len)
+    return k_pos, k_live
 
 
-# Lengths change at every step: specialising on them would recompile the kernel as they do.
+@triton.jit
+def _block_max(s, N: tl.constexpr, BK_P2: tl.constexpr):
+    """[N]: per key block, the max over its tokens and over the rows of s [ROWS, N * BK_P2]."""
+    return tl.max(tl.reshape(tl.max(s, axis=0), [N, BK_P2]), axis=1)
+
+
+@triton.jit
+def _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD: tl.constexpr,
+             BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+             DIM_P2: tl.constexpr):
+    """The block's strided queries (back from its last query) for the pattern head's query heads: (tile [ROWS, DIM],
+    row index of each, which rows exist, the block's last row)."""
+    r = tl.arange(0, ROWS)
+    last_row = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1
+    q_row = last_row - (r % NQ) * STRIDE
+    row_live = (r < PER_HEAD * NQ) & (q_row >= qb * BLOCK_Q)
+    q_head = h * PER_HEAD + r // NQ
+    d = tl.arange(0, DIM_P2)
+    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_ql + d[None, :] * stride_qd
+    return tl.load(q_ptrs, mask=row_live[:, None] & (d[None, :] < DIM), other=0.0), q_row, row_live, last_row
+
+
+@triton.jit
+def _candidates(start, last_pos, k_len, sink, window, BK: tl.constexpr):
+    """Candidate key blocks [lo, lo + n) of a query block (hip_mask.candidate_block_range)."""
+    lo = (start + sink) // BK
+    hi = tl.minimum((tl.maximum(last_pos - window + 1, 0) + BK - 1) // BK, (k_len + BK - 1) // BK)
+    return lo, (tl.maximum(hi, lo) - lo).to(tl.int64)
+
+
+@triton.jit
+def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, block_rows, lo, n_cand,
+                   k_len, sink, window, score_scale, softcap_log2, BK: tl.constexpr,
+                   BK_P2: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
+                   STRATA: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+    """Each row's estimated log-sum-exp (log2 units; 0 for a row that sees nothing): the sink and its window exactly
+    (hip_mask._local_lse) plus the candidates sampled at the centres of STRATA equal parts (hip_mask._sampled_lse)."""
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    offs = tl.arange(0, TILE)
+    span = tl.where(window > 0, window + block_rows - 1, 0)  # every window of the block's queries
+    for t0 in tl.range(0, sink + span, TILE, num_stages=STAGES):
+        in_sink = t0 + offs < sink
+        k_pos = tl.where(in_sink, start + t0 + offs, last_pos - span + 1 + t0 + offs - sink)
+        k_live = (k_pos >= 0) & (k_pos < k_len) & (t0 + offs < sink + span)
+        s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                    softcap_log2, SOFTCAP, PRECISION)
+        seen = tl.where(in_sink[None, :], k_pos[None, :] < start + sink,
+                        (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= start + sink))
+        visible = row_live[:, None] & k_live[None, :] & seen & (k_pos[None, :] <= q_pos[:, None])
+        m_i, l_i = _lse_update(m_i, l_i, s, visible)
+    PARTS: tl.constexpr = TILE // BK_P2
+    for p0 in tl.range(0, STRATA, PARTS, num_stages=STAGES):
+        part = p0 + tl.arange(0, PARTS)
+        a = lo + (part * n_cand) // STRATA
+        z = lo + ((part + 1) * n_cand) // STRATA
+        k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, z > a, k_len, BK, BK_P2, PARTS)
+        s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                    softcap_log2, SOFTCAP, PRECISION)
+        weight = tl.reshape(tl.broadcast_to(tl.log2(tl.maximum(z - a, 1).to(tl.float32))[:, None], [PARTS, BK_P2]),
+                            [PARTS * BK_P2])
+        visible = (row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None] - window)
+                   & (k_pos[None, :] >= start + sink))
+        m_i, l_i = _lse_update(m_i, l_i, s + weight[None, :], visible)
+    return tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
+
+# Lengths and positions change at every step: specialising on them would recompile the kernel as they do.
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_mask_kernel(
-    Q, K, KV_START, OUT_IDX, OUT_COUNT, GROUPS, SCORES, SORTED,
+    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, GROUPS, SCORES, SORTED,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
     q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
     PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
-    DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
-    STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr,
+    DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, STRATA: tl.constexpr,
+    PRECISION: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """One program = one (batch, pattern head, query block); the algorithm is described in hip_mask.py."""
+    """One program = one (batch, pattern head, query block) with one beam; the algorithm is in hip_mask.py."""
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_heads
@@ -63,25 +130,21 @@ def hip_mask_kernel(
     scores_ptr = SCORES + program * HALVES
     sorted_ptr = SORTED + program * HALVES
 
-    # Strided queries of the block for the pattern head's query heads: [ROWS, DIM].
-    r = tl.arange(0, ROWS)
-    last_row = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1
-    q_row = last_row - (r % NQ) * STRIDE  # strided back from the block's last query, as in the reference
-    row_live = (r < PER_HEAD * NQ) & (q_row >= qb * BLOCK_Q)
-    q_head = h * PER_HEAD + r // NQ
-    d = tl.arange(0, DIM_P2)
-    q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_ql + d[None, :] * stride_qd
-    q_tile = tl.load(q_ptrs, mask=row_live[:, None] & (d[None, :] < DIM), other=0.0)
-    q_pos = q_row + (k_len - q_len)
+    q_tile, q_row, row_live, last_row = _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd,
+                                                 PER_HEAD, BLOCK_Q, STRIDE, NQ, ROWS, DIM, DIM_P2)
+    offset = k_len - q_len
+    if HAS_Q_OFFSET:
+        offset = tl.load(Q_OFFSET + b).to(tl.int32)
+    q_pos = q_row + offset
+    last_pos = last_row + offset
+    start = 0
+    if HAS_KV_START:
+        start = tl.load(KV_START + b).to(tl.int32)
     kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+    d = tl.arange(0, DIM_P2)
 
-    last_pos = last_row + (k_len - q_len)
-    start = tl.load(KV_START + b)
-
-    # Candidate key blocks [lo, hi) (candidate_block_range), split into NSEL contiguous groups.
-    lo = (start + sink) // BK
-    hi = tl.maximum((tl.maximum(last_pos - window + 1, 0) + BK - 1) // BK, lo)
-    n_cand = (hi - lo).to(tl.int64)
+    # Candidate key blocks, split into NSEL contiguous groups.
+    lo, n_cand = _candidates(start, last_pos, k_len, sink, window, BK)
     g = tl.arange(0, NSEL_P2)
     g_start = tl.where(g < NSEL, lo + (g * n_cand) // NSEL, 0)
     g_end = tl.where(g < NSEL, lo + ((g + 1) * n_cand) // NSEL, 0)
@@ -89,48 +152,35 @@ def hip_mask_kernel(
     tl.store(groups + NSEL_P2 + g, g_end.to(tl.int32))
     largest = (n_cand + NSEL - 1) // NSEL
 
-    # score="probability": each row's log-sum-exp (log2 units) over the sink and its window (hip_mask._local_lse)
-    # plus the candidates' mass sampled by the first round's representatives (hip_mask._sampled_lse).
     lse = tl.zeros([ROWS], dtype=tl.float32)
     if NORMALIZE:
-        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([ROWS], dtype=tl.float32)
-        offs = tl.arange(0, CHUNK * BK_P2)
-        span = tl.where(window > 0, window + BLOCK_Q - 1, 0)
-        for t0 in range(0, sink + span, CHUNK * BK_P2):
-            in_sink = t0 + offs < sink
-            k_pos = tl.where(in_sink, start + t0 + offs, last_pos - span + 1 + t0 + offs - sink)
-            k_live = (k_pos >= 0) & (k_pos < k_len) & (t0 + offs < sink + span)
-            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                        softcap_log2, SOFTCAP, PRECISION)
-            seen = tl.where(in_sink[None, :], k_pos[None, :] < start + sink,
-                            (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= start + sink))
-            visible = row_live[:, None] & k_live[None, :] & seen & (k_pos[None, :] <= q_pos[:, None])
-            m_i, l_i = _lse_update(m_i, l_i, s, visible)
         if largest > 1:
-            tl.debug_barrier()
-            for c0 in range(0, HALVES, CHUNK):
-                half = c0 + tl.arange(0, CHUNK)
-                a, z, k_pos, k_live = _halves(groups, half, k_len, NSEL_P2, BK, BK_P2, CHUNK)
-                s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                            softcap_log2, SOFTCAP, PRECISION)
-                weight = tl.reshape(tl.broadcast_to(tl.log2(tl.maximum(z - a, 1).to(tl.float32))[:, None],
-                                                    [CHUNK, BK_P2]), [CHUNK * BK_P2])
-                visible = (row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None] - window)
-                           & (k_pos[None, :] >= start + sink))
-                m_i, l_i = _lse_update(m_i, l_i, s + weight[None, :], visible)
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos,
+                                 last_row - qb * BLOCK_Q + 1, lo, n_cand, k_len, sink, window, score_scale,
+                                 softcap_log2, BK, BK_P2, DIM, ROWS, CHUNK * BK_P2, STRATA, SOFTCAP, PRECISION,
+                                 STAGES)
 
     while largest > 1:
         tl.debug_barrier()
         # A runtime loop (short compile); with STAGES > 1 the next chunk's keys load while this chunk is scored.
         for c0 in tl.range(0, HALVES, CHUNK, num_stages=STAGES):
             half = c0 + tl.arange(0, CHUNK)
-            a, z, k_pos, k_live = _halves(groups, half, k_len, NSEL_P2, BK, BK_P2, CHUNK)
-            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
-            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
-            best = tl.max(tl.reshape(tl.max(tl.where(visible, s, -1e30), axis=0), [CHUNK, BK_P2]), axis=1)
+            gs = tl.load(groups + half // 2)
+            ge = tl.load(groups + NSEL_P2 + half // 2)
+            mid = gs + (ge - gs + 1) // 2
+            a = tl.where(half % 2 == 0, gs, mid)
+            z = tl.where(half % 2 == 0, mid, ge)
+            k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, z > a, k_len, BK, BK_P2, CHUNK)
+            k_tile = _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM)
+            if TRANSPOSED:
+                # Keys as the tile's rows: the max over the queries runs along the dot's N dimension (within warps).
+                s = _scores(k_tile, q_tile, score_scale, softcap_log2, SOFTCAP, PRECISION) - lse[None, :]
+                visible = k_live[:, None] & row_live[None, :] & (k_pos[:, None] <= q_pos[None, :])
+                best = tl.max(tl.reshape(tl.max(tl.where(visible, s, -1e30), axis=1), [CHUNK, BK_P2]), axis=1)
+            else:
+                s = _scores(q_tile, k_tile, score_scale, softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+                visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+                best = _block_max(tl.where(visible, s, -1e30), CHUNK, BK_P2)
             tl.store(scores_ptr + half, tl.where(z > a, best, float("-inf")))
         tl.debug_barrier()
 
@@ -161,3 +211,128 @@ def hip_mask_kernel(
     out = OUT_IDX + program * NSEL
     tl.store(out + g, tl.where(g < count, ids, 0), mask=g < NSEL)
     tl.store(OUT_COUNT + program, count)
+
+
+@triton.jit
+def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr):
+    """Store, in ascending order, the NKEEP best of the survivors (ids in ascending order, their scores; ties go to
+    the lower block) at out: the n-th largest score is found bit by bit (a radix select), no sort."""
+    bits = scores.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648  # ordered as the floats, >= 0
+    key = tl.where(valid, key, -1)
+    threshold = tl.zeros([], dtype=tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | (tl.full([], 1, tl.int64) << bit)
+        threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), axis=0) >= NKEEP, candidate, threshold)
+    above = key > threshold
+    tied = key == threshold
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= NKEEP - tl.sum(above.to(tl.int32), axis=0)))
+    tl.store(out + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, ids, mask=chosen)
+
+
+@triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
+def hip_slice_kernel(
+    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, SURVIVORS, SURVIVOR_SCORES, ARRIVALS,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
+    PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
+    NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
+    DIM_P2: tl.constexpr, NSEL: tl.constexpr, NKEEP: tl.constexpr, NSEL_P2: tl.constexpr, NLOC: tl.constexpr,
+    NLOC_P2: tl.constexpr, SLICES: tl.constexpr, TILE: tl.constexpr, STRATA: tl.constexpr, PRECISION: tl.constexpr,
+    STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HAS_Q_OFFSET: tl.constexpr,
+):
+    """One program = one slice (NLOC consecutive groups of NSEL) of one (batch, pattern head, query block)'s search;
+    with oversampling (NSEL > NKEEP) the last slice to finish keeps the NKEEP best survivors of all slices."""
+    qb = tl.program_id(0) // SLICES
+    sl = tl.program_id(0) % SLICES
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    program = bh.to(tl.int64) * num_q_blocks + qb
+    HALVES: tl.constexpr = 2 * NLOC_P2
+
+    q_tile, q_row, row_live, last_row = _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd,
+                                                 PER_HEAD, BLOCK_Q, STRIDE, NQ, ROWS, DIM, DIM_P2)
+    offset = k_len - q_len
+    if HAS_Q_OFFSET:
+        offset = tl.load(Q_OFFSET + b).to(tl.int32)
+    q_pos = q_row + offset
+    last_pos = last_row + offset
+    start = 0
+    if HAS_KV_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+    d = tl.arange(0, DIM_P2)
+
+    lo, n_cand = _candidates(start, last_pos, k_len, sink, window, BK)
+    g = tl.arange(0, NLOC_P2)
+    width = tl.minimum(NLOC, NSEL - sl * NLOC)  # groups of this slice (the last slice may be short)
+    first = sl * NLOC  # the slice's first group
+    out = OUT_IDX + program * NKEEP
+    SHARE: tl.constexpr = (NKEEP + SLICES - 1) // SLICES
+    if n_cand <= NKEEP:
+        # Every candidate is selected: slot i holds block lo + i (and 0 past the count); each slice writes a share.
+        slot = sl * SHARE + g
+        tl.store(out + slot, tl.where(slot < n_cand, lo + slot, 0).to(tl.int32), mask=(g < SHARE) & (slot < NKEEP))
+        if sl == 0:
+            tl.store(OUT_COUNT + program, n_cand.to(tl.int32))
+    else:
+        gid = (first + g).to(tl.int64)
+        gs = tl.where(g < width, lo + (gid * n_cand) // NSEL, 0).to(tl.int32)
+        ge = tl.where(g < width, lo + ((gid + 1) * n_cand) // NSEL, 0).to(tl.int32)
+        largest = (n_cand + NSEL - 1) // NSEL
+        lse = tl.zeros([ROWS], dtype=tl.float32)
+        if NORMALIZE:
+            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos,
+                                 last_row - qb * BLOCK_Q + 1, lo, n_cand, k_len, sink, window, score_scale,
+                                 softcap_log2, BK, BK_P2, DIM, ROWS, TILE, STRATA, SOFTCAP, PRECISION, STAGES)
+        i = tl.arange(0, HALVES)
+        while largest > 1:
+            mid = gs + (ge - gs + 1) // 2
+            a = tl.reshape(tl.join(gs, mid), [HALVES])  # half 2g + side of group g
+            z = tl.reshape(tl.join(mid, ge), [HALVES])
+            k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, z > a, k_len, BK, BK_P2, HALVES)
+            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            score = tl.where(z > a, _block_max(tl.where(visible, s, -1e30), HALVES, BK_P2), float("-inf"))
+            # A half's rank: how many halves beat it (a higher score, or the same score and a lower index). Group g
+            # of the next round is the half of rank g, as a descending stable sort would order them.
+            beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (i[None, :] < i[:, None]))
+            rank = tl.sum(beats.to(tl.int32), axis=1)
+            pick = rank[None, :] == g[:, None]
+            gs = tl.sum(tl.where(pick, a[None, :], 0), axis=1)
+            ge = tl.sum(tl.where(pick, z[None, :], 0), axis=1)
+            ge = tl.where(g < width, ge, gs)  # a slice keeps as many halves as it has groups
+            largest = (largest + 1) // 2
+        # The slice's survivors in ascending order (slot = how many of them lie lower), empty groups after them.
+        live = ge > gs
+        key = tl.where(live, gs, 2147483647 - g)
+        slot = tl.sum((key[None, :] < key[:, None]).to(tl.int32), axis=1)
+        if NSEL == NKEEP:
+            tl.store(out + first + slot, gs, mask=live)
+            if sl == 0:
+                tl.store(OUT_COUNT + program, tl.full([], NKEEP, tl.int32))
+        else:
+            # Oversampled: every survivor is scored as a block of its own, and the slices' survivors compete.
+            k_pos, k_live = _block_keys(gs, live, k_len, BK, BK_P2, NLOC_P2)
+            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            score = tl.where(live, _block_max(tl.where(visible, s, -1e30), NLOC_P2, BK_P2), float("-inf"))
+            survivors = program * NSEL + first + slot
+            tl.store(SURVIVORS + survivors, gs, mask=g < width)
+            tl.store(SURVIVOR_SCORES + survivors, score, mask=g < width)
+            # All of this program's survivors are written before it counts itself in (release); the last slice to
+            # arrive reads everyone's (acquire), keeps the best and resets the counter for the next launch.
+            tl.debug_barrier()
+            if tl.atomic_add(ARRIVALS + program, 1, sem="acq_rel", scope="gpu") == SLICES - 1:
+                j = tl.arange(0, NSEL_P2)
+                valid = j < NSEL
+                ids = tl.load(SURVIVORS + program * NSEL + j, mask=valid, other=0, cache_modifier=".cg")
+                scores = tl.load(SURVIVOR_SCORES + program * NSEL + j, mask=valid, other=float("-inf"),
+                                 cache_modifier=".cg")
+                _keep_best(ids, scores, valid, out, NKEEP)
+                tl.store(OUT_COUNT + program, tl.full([], NKEEP, tl.int32))
+                tl.atomic_xchg(ARRIVALS + program, 0)

@@ -72,9 +72,10 @@ def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_of
     prefill, decode = _triton_kernels()
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {query.dtype}")
-    # Kernels index with strides but need each head's vectors contiguous.
+    # Kernels index with strides but need each head's vectors contiguous, and one dtype.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    key, value = key.to(query.dtype), value.to(query.dtype)
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        key, value = key.to(query.dtype), value.to(query.dtype)
     indices, counts = pattern.block_indices, pattern.block_counts
     if indices.dtype != torch.int32 or counts.dtype != torch.int32 or not (indices.is_contiguous() and counts.is_contiguous()):
         pattern = SparsePattern(

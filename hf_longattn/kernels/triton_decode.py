@@ -2,20 +2,39 @@
 
 With so few queries the prefill kernel would run one program per head and leave the GPU idle, so the work is split
 along the keys instead (split-K): the sink tiles, the flat list of selected tokens and the window tiles form one list
-of key tiles, each program attends to a contiguous share of it for all query heads of its GQA group and all queries
-(M = G x queries rows), writes a partial output and log-sum-exp, and a second small kernel merges the partials.
+of key tiles, and each program attends to a contiguous share of it for all query heads of its GQA group and all
+queries (M = G x queries rows). The shares are merged in the same launch: each program writes its partial output and
+log-sum-exp, then counts itself in with an atomic; the last program of a head to arrive merges the partials and
+resets the counter. One launch per step, no memset, no host sync: what matters when decode is launched eagerly, as
+generate() does, where every launch and allocation costs host time that the GPU waits for (the partials and counters
+are kept between launches: workspace.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_prefill import _load_kv, _scores, _softmax_step, dot_precision, key_tile_size, score_scaling
+from .workspace import arrival_counters, kept
 
 # Decode runs when the queries fit one query block and are at most this many (else the prefill kernel runs).
 MAX_DECODE_QUERIES = 16
+
+
+@triton.jit
+def _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
+                num_q_heads, q_len, HEAD_DIM: tl.constexpr):
+    """Normalise and store the output rows and their natural-log lse; a row that saw no key gets 0 and -inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + q_idx[:, None] * stride_ol + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + (b.to(tl.int64) * num_q_heads + head) * q_len + q_idx, lse, mask=row_ok)
 
 
 # Lengths and pattern strides change at every step: specialising on them would recompile the kernel as they do.
@@ -23,11 +42,12 @@ MAX_DECODE_QUERIES = 16
     "stride_ib", "stride_ih", "stride_cb", "stride_ch",
     "q_len", "k_len", "tiles_per_split", "num_splits",
 ])
-def _sparse_decode_split_kernel(
-    Q, K, V, PartOut, PartLse, BlockIdx, BlockCnt, KvStart, QOffset,
+def _sparse_decode_kernel(
+    Q, K, V, Out, Lse, Partials, Arrivals, BlockIdx, BlockCnt, KvStart, QOffset,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_ol, stride_oh,
     stride_ib, stride_ih, stride_cb, stride_ch,
     num_heads, q_len, k_len, sink_tokens, window_tokens, tiles_per_split, num_splits,
     score_scale, softcap_log2,
@@ -98,106 +118,102 @@ def _sparse_decode_split_kernel(
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
-    seen = l_i > 0.0
-    part = (bh * num_splits + split) * BLOCK_M + offs_m
-    tl.store(PartOut + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None])
-    tl.store(PartLse + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
-
-
-@triton.jit(do_not_specialize=["q_len", "num_splits"])
-def _merge_splits_kernel(
-    PartOut, PartLse, Out, Lse, stride_ob, stride_ol, stride_oh, num_heads, q_len, num_splits,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr,
-):
-    BLOCK_M: tl.constexpr = G_PAD * Q_PAD
-    bh = tl.program_id(0)
-    b = bh // num_heads
-    ph = bh % num_heads
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for split in range(0, num_splits):
+    num_q_heads = num_heads * G
+    if num_splits == 1:
+        _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
+                    num_q_heads, q_len, HEAD_DIM)
+    else:
+        # Partial of this split: normalised output [BLOCK_M, D_PAD], then its log2-sum-exp after all outputs.
+        seen = l_i > 0.0
         part = (bh * num_splits + split) * BLOCK_M + offs_m
-        lse_s = tl.load(PartLse + part)
-        out_s = tl.load(PartOut + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :])
-        m_new = tl.maximum(m_i, lse_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        weight = tl.math.exp2(lse_s - m_use)
-        acc = acc * alpha[:, None] + out_s * weight[:, None]
-        l_i = l_i * alpha + weight
-        m_i = m_new
-
-    head = ph * G + offs_m // Q_PAD
-    q_idx = offs_m % Q_PAD
-    row_ok = (offs_m // Q_PAD < G) & (q_idx < q_len)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + q_idx[:, None] * stride_ol + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(Lse + (b.to(tl.int64) * (num_heads * G) + head) * q_len + q_idx, lse, mask=row_ok)
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """About two waves of programs on the GPU (a small fixed number elsewhere)."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 2 * _SM_COUNT[index]
+        lse_base = Partials + tl.num_programs(1).to(tl.int64) * num_splits * BLOCK_M * D_PAD
+        tl.store(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None])
+        tl.store(lse_base + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
+        # Every thread's partial is written before one thread publishes the arrival (release); the last program to
+        # arrive sees all partials (acquire) and merges them.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Arrivals + bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+            for other in range(0, num_splits):
+                part = (bh * num_splits + other) * BLOCK_M + offs_m
+                lse_s = tl.load(lse_base + part, cache_modifier=".cg")
+                out_s = tl.load(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], cache_modifier=".cg")
+                m_new = tl.maximum(m_i, lse_s)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_use)
+                weight = tl.math.exp2(lse_s - m_use)
+                acc = acc * alpha[:, None] + out_s * weight[:, None]
+                l_i = l_i * alpha + weight
+                m_i = m_new
+            _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
+                        num_q_heads, q_len, HEAD_DIM)
+            tl.atomic_xchg(Arrivals + bh, 0)  # ready for the next launch
 
 
 def use_decode(pattern, q_len: int) -> bool:
     return q_len <= MAX_DECODE_QUERIES and pattern.num_query_blocks == 1
 
 
+@functools.cache
+def _programs_wanted(device: torch.device) -> int:
+    """About two waves of programs on the GPU (a small fixed number elsewhere)."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(device: torch.device, batch: int, num_q_heads: int, num_kv_heads: int, q_len: int, head_dim: int,
+                 heads: int, max_blocks: int, block_size_k: int, sink: int, window: int, dtype: torch.dtype,
+                 config: tuple) -> tuple[int, int, dict]:
+    """(splits, key tiles per split, kernel constants) of a decode launch; the same for every step of a generate()."""
+    group = num_q_heads // heads
+    g_pad = triton.next_power_of_2(group)
+    q_pad = max(triton.next_power_of_2(q_len), triton.cdiv(16, g_pad))  # tl.dot needs M >= 16
+    cfg = dict(dict(BLOCK_N=64, num_warps=4, num_stages=2, splits=None), **dict(config))
+    block_n = key_tile_size(cfg.pop("BLOCK_N"), block_size_k)
+    # An upper bound of the tiles any row can have, known without reading the counts back from the device.
+    max_tiles = (triton.cdiv(sink, block_n) + triton.cdiv(max_blocks * block_size_k, block_n)
+                 + triton.cdiv(window + q_len, block_n) + 1)
+    splits = cfg.pop("splits") or min(max_tiles, max(1, triton.cdiv(_programs_wanted(device), batch * heads)))
+    tiles_per_split = triton.cdiv(max_tiles, splits)
+    splits = triton.cdiv(max_tiles, tiles_per_split)
+    constants = dict(
+        G=group, G_PAD=g_pad, KV_GROUP=num_q_heads // num_kv_heads, BK=block_size_k, HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), Q_PAD=q_pad, BLOCK_N=block_n, PRECISION=dot_precision(dtype),
+        **cfg)
+    return splits, tiles_per_split, constants
+
+
 def sparse_decode(query, key, value, pattern, scale: float, softcap: float | None, kv_start, q_offset=None,
                   config: dict | None = None):
     """query [B, Hq, Lq <= 16, D] in one query block -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
     batch, num_q_heads, q_len, head_dim = query.shape
-    num_kv_heads, k_len = key.shape[1], key.shape[2]
     heads = pattern.num_heads
-    group = num_q_heads // heads
-    g_pad = triton.next_power_of_2(group)
-    q_pad = max(triton.next_power_of_2(q_len), triton.cdiv(16, g_pad))  # tl.dot needs M >= 16
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    cfg = dict(dict(BLOCK_N=64, num_warps=4, num_stages=2, splits=None), **(config or {}))
-    block_n = key_tile_size(cfg.pop("BLOCK_N"), pattern.block_size_k)
-
-    # An upper bound of the tiles any row can have, known without reading the counts back from the device.
-    max_tiles = (triton.cdiv(pattern.sink_tokens, block_n) + triton.cdiv(pattern.max_blocks * pattern.block_size_k, block_n)
-                 + triton.cdiv(pattern.window_tokens + q_len, block_n) + 1)
-    splits = cfg.pop("splits") or min(max_tiles, max(1, triton.cdiv(_programs_wanted(query.device), batch * heads)))
-    tiles_per_split = triton.cdiv(max_tiles, splits)
-    splits = triton.cdiv(max_tiles, tiles_per_split)
-
-    rows = g_pad * q_pad
-    part_out = torch.empty(batch * heads * splits * rows, d_pad, device=query.device, dtype=torch.float32)
-    part_lse = torch.empty(batch * heads * splits * rows, device=query.device, dtype=torch.float32)
-    idx, cnt = pattern.block_indices, pattern.block_counts
-    score_scale, softcap_log2 = score_scaling(scale, softcap)
-    _sparse_decode_split_kernel[(splits, batch * heads)](
-        query, key, value, part_out, part_lse, idx, cnt, kv_start if kv_start is not None else cnt,
-        q_offset if q_offset is not None else cnt,
-        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *idx.stride()[:2], *cnt.stride()[:2],
-        heads, q_len, k_len, pattern.sink_tokens, pattern.window_tokens, tiles_per_split, splits,
-        score_scale, softcap_log2,
-        G=group, G_PAD=g_pad, KV_GROUP=num_q_heads // num_kv_heads, BK=pattern.block_size_k,
-        HEAD_DIM=head_dim, D_PAD=d_pad, Q_PAD=q_pad, BLOCK_N=block_n,
-        HAS_KV_START=kv_start is not None, HAS_Q_OFFSET=q_offset is not None, SOFTCAP=softcap is not None,
-        PRECISION=dot_precision(query.dtype), **cfg,
-    )
+    splits, tiles_per_split, constants = _launch_plan(
+        query.device, batch, num_q_heads, key.shape[1], q_len, head_dim, heads, pattern.max_blocks,
+        pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens, query.dtype,
+        tuple(sorted((config or {}).items())))
+    rows = constants["G_PAD"] * constants["Q_PAD"]
+    if splits > 1:
+        partials = kept(query.device, "decode partials", batch * heads * splits * rows * (constants["D_PAD"] + 1),
+                        torch.float32)
+        arrivals = arrival_counters(query.device, batch * heads)
+    else:
+        partials = arrivals = query  # not read
     out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)
-    _merge_splits_kernel[(batch * heads,)](
-        part_out, part_lse, out, lse, *out.stride()[:3], heads, q_len, splits,
-        G=group, G_PAD=g_pad, HEAD_DIM=head_dim, D_PAD=d_pad, Q_PAD=q_pad, num_warps=4,
+    idx, cnt = pattern.block_indices, pattern.block_counts
+    _sparse_decode_kernel[(splits, batch * heads)](
+        query, key, value, out, lse, partials, arrivals, idx, cnt, kv_start if kv_start is not None else cnt,
+        q_offset if q_offset is not None else cnt,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], *idx.stride()[:2],
+        *cnt.stride()[:2], heads, q_len, key.shape[2], pattern.sink_tokens, pattern.window_tokens, tiles_per_split,
+        splits, *score_scaling(scale, softcap),
+        HAS_KV_START=kv_start is not None, HAS_Q_OFFSET=q_offset is not None, SOFTCAP=softcap is not None,
+        **constants,
     )
     return out, lse
