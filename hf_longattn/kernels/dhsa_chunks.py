@@ -13,8 +13,8 @@ blocks form one provisional chunk). A decode step can therefore recompute only t
 exactly the chunks that a computation from scratch finds (see `ChunkPrefix`).
 
 Representations. A chunk's n real keys sum to S; its representation is S / sqrt(n), the paper's mean key times
-sqrt(n): keys of unrelated content add up like a random walk, so the scaled mean scores alike for short and long
-chunks, while the plain mean would favour short ones. Each key block carries its chunk's representation.
+sqrt(n): keys of unrelated content add up like a random walk, so S / sqrt(n) has the same spread for short and long
+chunks, where the plain mean of a short chunk strays further. Each key block carries its chunk's representation.
 
 `chunk_layout` is the batched version (torch ops over all blocks at once, no loop over chunks or tokens);
 `chunk_starts_reference` states the boundary rule as a plain loop, for tests.
@@ -51,7 +51,7 @@ class ChunkLayout:
     starts: torch.Tensor  # [B, n] bool, the blocks that start a chunk
 
     def block_rep(self) -> torch.Tensor:
-        """[B, H, n, D]: each block's chunk representation."""
+        """[B, H, n, D]: each block's chunk representation (spelled out, for tests; the selection gathers scores)."""
         batch, heads, _, dim = self.rep.shape
         return torch.gather(self.rep, 2, self.chunk.view(batch, 1, -1, 1).expand(-1, heads, -1, dim))
 
