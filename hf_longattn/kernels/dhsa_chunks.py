@@ -76,7 +76,7 @@ class ChunkPrefix:
 
 
 def block_sums(key: torch.Tensor, first_block: int, block_size: int) -> torch.Tensor:
-    """[B, H, n, D] float32 sums of the keys of blocks first_block .. ceil(Lk / block_size) - 1 (the last may be partial)."""
+    """[B, H, n, D] float32 key sums of blocks first_block .. ceil(Lk / block_size) - 1 (the last may be partial)."""
     k_len = key.shape[2]
     full = k_len // block_size
     start = min(first_block, full) * block_size
@@ -127,11 +127,11 @@ def chunk_starts(d: torch.Tensor, blocks: torch.Tensor, anchor: torch.Tensor, k_
 
 def _padding_sums(key: torch.Tensor, kv_start: torch.Tensor, block_size: int) -> torch.Tensor:
     """[B, H, D] float32: the sum of the padding keys inside the block that holds each row's first real key."""
-    first = kv_start.long() // block_size * block_size
-    pos = first.view(-1, 1) + torch.arange(block_size, device=key.device)
-    padding = (pos < kv_start.view(-1, 1)).to(torch.float32)
-    idx = pos.clamp(max=key.shape[2] - 1).view(key.shape[0], 1, block_size, 1).expand(-1, key.shape[1], -1, key.shape[3])
-    return (torch.gather(key, 2, idx).float() * padding.view(key.shape[0], 1, block_size, 1)).sum(2)
+    batch, heads, k_len, dim = key.shape
+    pos = (kv_start.long() // block_size * block_size).view(-1, 1) + torch.arange(block_size, device=key.device)
+    padding = (pos < kv_start.view(-1, 1)).to(torch.float32).view(batch, 1, block_size, 1)
+    index = pos.clamp(max=k_len - 1).view(batch, 1, block_size, 1).expand(-1, heads, -1, dim)
+    return (torch.gather(key, 2, index).float() * padding).sum(2)
 
 
 def chunk_layout(
@@ -208,7 +208,8 @@ def padded_block_count(kv_start: torch.Tensor | None, block_size: int) -> int:
     return 0 if kv_start is None else int(kv_start.max()) // block_size + 1
 
 
-def chunk_starts_reference(key: torch.Tensor, chunking: Chunking, kv_start: torch.Tensor | None = None) -> list[list[int]]:
+def chunk_starts_reference(key: torch.Tensor, chunking: Chunking,
+                           kv_start: torch.Tensor | None = None) -> list[list[int]]:
     """Per row, the blocks that start a chunk: the boundary rule as a plain loop over blocks (slow, for tests)."""
     batch, _, k_len, _ = key.shape
     bk, r = chunking.block_size, chunking.radius

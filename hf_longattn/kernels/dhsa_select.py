@@ -65,16 +65,17 @@ def top_blocks(q_rep: torch.Tensor, chunk_rep: torch.Tensor, chunk: torch.Tensor
         scores = torch.gather(chunk_scores, 3, index.expand(-1, heads, chunk_scores.shape[2], -1))
         candidate = ((block >= lo[:, r, None]) & (block < hi[:, r, None])).unsqueeze(1)  # [B, 1, nr, nKB]
         scores = scores.masked_fill(~candidate, -torch.inf)
-        nth = scores.topk(min(n_sel, n_kb), dim=-1, sorted=True).values[..., -1:]  # -inf when too few candidates
+        k = min(n_sel, n_kb)
+        nth = scores.topk(k, dim=-1).values[..., -1:]  # the n_sel-th best score; -inf when too few candidates
         above = scores > nth
         tied = candidate & (scores == nth)
         wanted = n_sel - above.sum(-1, keepdim=True)
-        from_end = tied.flip(-1).cumsum(-1).flip(-1)  # 1 for the last tied block
+        from_end = tied.flip(-1).cumsum(-1, dtype=torch.int32).flip(-1)  # 1 for the last tied block
         take = above | (tied & (from_end <= wanted))
-        slot = torch.where(take, take.cumsum(-1) - 1, n_sel)  # taken blocks fill slots 0.. in ascending order
-        chosen = torch.zeros(*take.shape[:-1], n_sel + 1, dtype=torch.long, device=device)
-        ids[:, :, r] = chosen.scatter_(-1, slot, block.expand_as(slot))[..., :n_sel].to(torch.int32)
-        counts[:, :, r] = take.sum(-1).to(torch.int32)
+        # At most n_sel blocks are taken: the k largest of (n_kb - block) over them list them in ascending order.
+        taken = torch.where(take, n_kb - block.int(), 0).topk(k, dim=-1).values
+        ids[:, :, r, :k] = torch.where(taken > 0, n_kb - taken, 0)
+        counts[:, :, r] = (taken > 0).sum(-1).to(torch.int32)
     return ids, counts
 
 
