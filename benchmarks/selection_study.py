@@ -10,9 +10,15 @@ HiP. Only the score differs:
 * prob-sampled: max of logit minus (sink + window mass + a stratified sample of the candidates, as HiP's first round
   draws it: one block in every ~2 * (candidates / 640) blocks, weighted by that stride).
 
-Same prompts and budget as hip_accuracy.py (512 tokens: 16 sink + 176 window + 320 selected). Runs on CPU in minutes:
+Passkey prompts from the eval package (`hf_longattn.eval.niah`, the synthetic "grass is green" filler, depths evenly
+spread over 0..100%), every selector at a 512-token budget: 16 sink + 176 window + 320 selected tokens (the selection
+takes about 3/4 of what the sink leaves, in whole 64-token blocks, close to HiP's own 2:1 ratio of k to window).
+Runs on CPU in minutes:
 
-    python benchmarks/selection_study.py --length 2048 --samples 20 --out benchmarks/results/hip_selection_study.md
+    python -m benchmarks.selection_study --length 2048 --samples 20 --out benchmarks/results/hip_selection_study.md
+
+(The committed hip_selection_study.md was measured on the prompts of the retired benchmarks/hip_accuracy.py, the same
+filler and needle sentence in a different frame.)
 """
 
 from __future__ import annotations
@@ -27,17 +33,22 @@ from pathlib import Path
 
 import torch
 
-from hf_longattn import patched
+from hf_longattn.eval.niah import depth_grid, make_samples, run_method
 from hf_longattn.kernels import SparsePattern
 from hf_longattn.kernels.hip_mask import candidate_block_range
 from hf_longattn.methods import register_method
 from hf_longattn.methods.base import SparseMethod
 from hf_longattn.methods.blocktopk import BlockTopKConfig
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hip_accuracy import answers, make_samples, method_options  # noqa: E402
-
 SCORES = ("logit", "prob-exact", "prob-local", "prob-sampled")
+
+
+def budget_options(budget: int) -> dict:
+    """HiP's options at `budget` attended tokens per query: a 16-token sink, ~3/4 of the rest selected (whole
+    64-token blocks), the remainder as the window."""
+    sink = 16
+    selected = (budget - sink) * 3 // 4 // 64 * 64
+    return {"sink": sink, "window": budget - sink - selected, "k": selected}
 
 
 @dataclass
@@ -102,20 +113,20 @@ def main(argv=None):
     from hf_longattn.bundled import load_model
 
     model, tokenizer = load_model("smollm2", dtype=torch.float32)
-    cell = make_samples(tokenizer, args.length, args.samples, seed=0)
-    budget = method_options(args.budget, dense_layers=0)["hip"][1]
+    samples = make_samples(tokenizer, [args.length], depth_grid(args.samples), 1, needle="passkey",
+                           haystack="synthetic")
+    budget = budget_options(args.budget)
     runs = {"dense": ("dense", {})} | {f"oracle {s}": ("oracle", {**budget, "score": s}) for s in SCORES}
     runs["hip (hierarchical, prob-sampled)"] = ("hip", budget)
     rows = []
     for label, (method, options) in runs.items():
         start = time.time()
-        with torch.no_grad(), patched(model, method, **options):
-            texts = answers(model, tokenizer, cell, batch_size=1)
-        found = [s["key"] in text for s, text in zip(cell, texts)]
+        records = run_method(model, tokenizer, samples, method, options)["samples"]
+        found = [r["score"] == 1.0 for r in sorted(records, key=lambda r: r["depth"])]
         rows.append(f"| {label} | {sum(found)}/{len(found)} | {''.join('x' if f else '.' for f in found)} |")
         print(rows[-1], f"({time.time() - start:.0f} s)", flush=True)
     report = [f"# Selection score study: passkey at {args.length} tokens, {args.budget}-token budget", "",
-              f"Command: `python {' '.join(sys.argv)}`", "",
+              f"Command: `python -m benchmarks.selection_study {' '.join(sys.argv[1:])}`", "",
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or 'cpu'}; SmolLM2-135M-"
               f"Instruct float32, greedy; depths 0..100% left to right (x = passkey found). Budget: {budget}.", "",
               "| selector | found | per prompt |", "|---|---|---|", *rows]

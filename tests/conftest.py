@@ -17,3 +17,19 @@ def smollm2():
     from hf_longattn.bundled import load_model
 
     return load_model("smollm2", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2, tmp_path_factory):
+    """The same SmolLM2 saved as a plain safetensors checkpoint, for tests that load it again (subprocesses,
+    device_map): it loads in under a second, where the GGUF file takes some 15 s of CPU to dequantize."""
+    import copy
+
+    model, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("smollm2")
+    plain = copy.deepcopy(model)
+    plain.hf_quantizer = None  # GGUF weights are dequantized at load time: nothing quantized is left to save
+    del plain.config.quantization_config
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

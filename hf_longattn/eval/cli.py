@@ -3,6 +3,7 @@
     hf-longattn niah --model smollm2 --methods dense,streaming --lengths 1k,2k,4k --depths 11 --samples 5 --out runs/niah
     hf-longattn lm-eval --model hf-longattn --model_args pretrained=smollm2,method=streaming,window=1024 --tasks ...
     hf-longattn longbench-local DATA_DIR --out TASK_DIR   (task YAMLs for LongBench JSONL files you have locally)
+    hf-longattn serve --model smollm2 --method hip --port 8000   (OpenAI-style HTTP server: hf_longattn/serving)
 
 Everything that can be wrong with the arguments (a method that does not exist, an option a method does not have, a
 model that cannot be found, a length past the model's context) is reported before the model is loaded.
@@ -74,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     local.add_argument("--out", required=True, help="folder for the YAMLs; pass it to lm-eval as --include_path")
     local.set_defaults(run=run_longbench_local_command)
 
+    from ..serving.command import add_serve_command
+
+    add_serve_command(commands)
     commands.add_parser("lm-eval", help="lm-eval's own CLI with the hf-longattn model and our task YAMLs registered; "
                                         "all further arguments go to lm-eval")
     return parser

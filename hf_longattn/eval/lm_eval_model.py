@@ -2,6 +2,8 @@
 
     lm-eval ... --model hf-longattn --model_args pretrained=PATH,method=hip,budget=2048
     HFLM(pretrained=patch_model(model, "hip"), tokenizer=tokenizer)   # from Python, a patched model works as is
+    accelerate launch --multi_gpu --num_processes 8 -m hf_longattn.eval lm-eval run --model hf-longattn ...  # one copy
+                                                              # of the model per process, the requests split by rank
 
 `method=` picks the method (none: leave the model's attention alone); every argument that is neither HFLM's nor a
 `from_pretrained` loading option is an option of the method, checked by the method's config before the model loads.
@@ -51,10 +53,19 @@ class LongAttnLM(HFLM):
             folder, gguf_file = bundled_model_path()
             pretrained = str(folder)
         super().__init__(pretrained=pretrained, gguf_file=gguf_file, **hflm_args)
+        self._split_requests_across_processes()
         self.method = method
         self.method_options = options
         if method not in (None, "none"):
-            patch_model(self.model, method, **options)
+            patch_model(self.model, method, **options)  # in every process: each loaded its own copy
+
+    def _split_requests_across_processes(self) -> None:
+        """Under `accelerate launch` HFLM takes its rank from accelerate only when it counts more than one GPU; on CPUs
+        (accelerate's MULTI_CPU, gloo) it leaves every process at rank 0 of 1, so each would run every request and
+        write the results. Take rank and world size from accelerate whenever it launched several processes."""
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
 
 
 def lm_eval_main(argv: list[str]) -> int:

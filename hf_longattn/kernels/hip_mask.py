@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from .dense import attention_logits
-from .ops import HAS_TRITON
+from .ops import HAS_TRITON, on_device
 from .pattern import SparsePattern, query_block_ranges
 
 # Score of a (query, key) pair that causality hides: finite, so that a half that only such pairs reach still ranks
@@ -267,5 +267,6 @@ def hip_mask(query: torch.Tensor, key: torch.Tensor, **options) -> SparsePattern
     """HiP's top-k key-block selection: the Triton kernel on CUDA tensors (when Triton is installed), the PyTorch
     reference elsewhere."""
     if query.is_cuda and HAS_TRITON:
-        return hip_mask_triton(query, key, **options)
+        with on_device(query):  # a layer on cuda:1 under device_map
+            return hip_mask_triton(query, key, **options)
     return hip_mask_reference(query, key, **options)

@@ -8,6 +8,7 @@ test can set TRITON_INTERPRET=1 before Triton compiles anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -54,6 +55,12 @@ def check_inputs(query, key, value, pattern: SparsePattern, kv_start, q_offset=N
     pattern.validate(batch, num_q_heads, key.shape[1], q_len)
 
 
+def on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device, not on the tensor's: under accelerate's device_map a layer on
+    cuda:1 is called while cuda:0 is current, and its launch would read another GPU's memory. Wrap every launch."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 @functools.cache
 def _triton_kernels():
     from . import triton_decode, triton_prefill
@@ -75,7 +82,8 @@ def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_of
             pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens,
         )
     run = decode.sparse_decode if decode.use_decode(pattern, query.shape[2]) else prefill.sparse_prefill
-    return run(query, key, value, pattern, scale, softcap, kv_start, q_offset)
+    with on_device(query):
+        return run(query, key, value, pattern, scale, softcap, kv_start, q_offset)
 
 
 def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset=None):

@@ -7,6 +7,7 @@ from .blocktopk import BlockTopK
 from .dense import Dense
 from .dhsa import Dhsa
 from .hip import Hip
+from .hyper import Hyper
 from .streaming import Streaming
 
 METHODS: dict[str, type[SparseMethod]] = {}
@@ -23,7 +24,7 @@ def get_method(name: str) -> type[SparseMethod]:
     return METHODS[name]
 
 
-for _cls in (Dense, Streaming, Hip, BlockTopK, Dhsa):
+for _cls in (Dense, Streaming, Hip, BlockTopK, Hyper, Dhsa):
     register_method(_cls)
 
 __all__ = ["AttentionCall", "SparseMethod", "METHODS", "register_method", "get_method"]
