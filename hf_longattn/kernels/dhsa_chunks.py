@@ -148,7 +148,7 @@ def chunk_layout(
     batch, heads, k_len, dim = key.shape
     bk, device = chunking.block_size, key.device
     if anchor is None:
-        anchor = torch.zeros(batch, dtype=torch.long, device=device) if kv_start is None else kv_start.long() // bk
+        anchor = first_real_blocks(batch, kv_start, bk, device)
     sums = block_sums(key, first_block, bk)
     blocks = torch.arange(first_block, first_block + sums.shape[2], device=device)
     starts = chunk_starts(dissimilarity(sums, blocks, k_len, bk, kv_start), blocks, anchor, k_len, chunking)
@@ -202,6 +202,13 @@ def extend_layout(key: torch.Tensor, prefix: ChunkPrefix, chunking: Chunking,
         torch.cat([prefix.layout.chunk, rest.chunk[:, closed - first:] + prefix.layout.rep.shape[2]], 1),
         torch.cat([prefix.layout.starts, rest.starts[:, closed - first:]], 1),
     )
+
+
+def first_real_blocks(batch: int, kv_start: torch.Tensor | None, block_size: int, device) -> torch.Tensor:
+    """[B] long: the block that holds each row's first real key (where its first chunk starts)."""
+    if kv_start is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return kv_start.long() // block_size
 
 
 def padded_block_count(kv_start: torch.Tensor | None, block_size: int) -> int:

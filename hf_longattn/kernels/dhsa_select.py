@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .dhsa_chunks import (
-    Chunking, ChunkPrefix, chunk_layout, chunk_starts_reference, closed_prefix, extend_layout, padded_block_count,
+    Chunking, ChunkPrefix, chunk_layout, chunk_starts_reference, closed_prefix, extend_layout, first_real_blocks,
+    padded_block_count,
 )
 from .hip_mask import candidate_block_range
 from .pattern import SparsePattern
@@ -107,8 +108,7 @@ def dhsa_select(
     if prefix is None:
         padded = padded_block_count(kv_start, chunking.block_size)
         layout = chunk_layout(key, chunking, kv_start, padded_blocks=padded)
-        anchor = torch.zeros(batch, dtype=torch.long, device=key.device) if kv_start is None \
-            else kv_start.long() // chunking.block_size
+        anchor = first_real_blocks(batch, kv_start, chunking.block_size, key.device)
         prefix_out = closed_prefix(layout, anchor, k_len, chunking, padded)
     else:
         layout = extend_layout(key, prefix, chunking, kv_start)
