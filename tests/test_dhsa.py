@@ -31,6 +31,14 @@ def _starts(layout):
     return [torch.nonzero(row).flatten().tolist() for row in layout.starts]
 
 
+def _same(a, b):
+    """Two patterns list the same blocks (compared on the CPU; dead slots ignored)."""
+    counts, ids = a.block_counts.cpu(), a.block_indices.cpu()
+    live = torch.arange(a.max_blocks) < counts.unsqueeze(-1)
+    return torch.equal(counts, b.block_counts.cpu()) and torch.equal(
+        torch.where(live, ids, 0), torch.where(live, b.block_indices.cpu(), 0))
+
+
 # --- config -------------------------------------------------------------------------------------------------------
 
 def test_defaults_match_the_common_budget_and_the_paper_preset():
@@ -146,10 +154,22 @@ def test_batched_selection_matches_the_loop_reference(case):
     q, k = _qk(batch, hq, hkv, q_len, k_len, seed=q_len)
     kv_start = torch.tensor([0, 7][:batch])
     got, _ = dhsa_select(q, k, kv_start=kv_start, **options)
-    expected = dhsa_select_reference(q, k, kv_start=kv_start, **options)
-    assert torch.equal(got.block_counts, expected.block_counts)
-    live = torch.arange(got.max_blocks) < got.block_counts.unsqueeze(-1)
-    assert torch.equal(torch.where(live, got.block_indices, 0), torch.where(live, expected.block_indices, 0))
+    assert _same(got, dhsa_select_reference(q, k, kv_start=kv_start, **options))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", SELECT_CASES + [
+    (1, 8, 2, 700, 900, dict(budget=128, block_size_q=64, chunking=Chunking(32, 2, 0.0, 16), sink=16, window=64)),
+    (2, 8, 2, 1, 900, dict(budget=128, block_size_q=64, chunking=Chunking(32, 2, 0.0, 16), sink=16, window=64)),
+])
+def test_selection_on_the_gpu_matches_the_loop_reference(case):
+    batch, hq, hkv, q_len, k_len, options = case
+    q, k = _qk(batch, hq, hkv, q_len, k_len, dim=64, seed=q_len)
+    kv_start = torch.tensor([0, 7][:batch])
+    got, _ = dhsa_select(q.cuda().bfloat16(), k.cuda().bfloat16(), kv_start=kv_start.cuda(), **options)
+    expected = dhsa_select_reference(q.bfloat16().float(), k.bfloat16().float(), kv_start=kv_start, **options)
+    assert _same(got, expected)
 
 
 def test_the_chunk_that_matches_the_query_is_selected_and_a_cut_chunk_keeps_its_later_blocks():
@@ -203,12 +223,6 @@ def test_generate_with_full_budget_matches_dense(family):
 
 def _select(method, q, k, state, kv_start=None):
     return method.select(q, k, AttentionCall(0, 0.35, None, kv_start, state))
-
-
-def _same(a, b):
-    live = torch.arange(a.max_blocks) < a.block_counts.unsqueeze(-1)
-    return torch.equal(a.block_counts, b.block_counts) and torch.equal(
-        torch.where(live, a.block_indices, 0), torch.where(live, b.block_indices, 0))
 
 
 def test_decode_steps_extend_the_prefill_chunks_and_equal_a_recomputation():
