@@ -225,8 +225,13 @@ def _select(method, q, k, state, kv_start=None):
     return method.select(q, k, AttentionCall(0, 0.35, None, kv_start, state))
 
 
-def test_decode_steps_extend_the_prefill_chunks_and_equal_a_recomputation():
-    method = Dhsa(DhsaConfig(**SMALL))
+def test_decode_steps_extend_the_prefill_chunks_and_equal_a_recomputation(monkeypatch):
+    import hf_longattn.kernels.dhsa_select as select_module
+
+    extended = []
+    extend = select_module.extend_layout
+    monkeypatch.setattr(select_module, "extend_layout", lambda *a: extended.append(a[0].shape[2]) or extend(*a))
+    method = Dhsa(DhsaConfig(**dict(SMALL, window=32)))
     q, k = _qk(q_len=140, k_len=140, seed=3)
     kv_start = torch.tensor([0, 9])
     state = {}
@@ -236,6 +241,8 @@ def test_decode_steps_extend_the_prefill_chunks_and_equal_a_recomputation():
         step = _select(method, q[:, :, length - 1: length], k[:, :, :length], state, kv_start)
         assert state["dhsa"]["prefix"] is prefix  # decode reads the kept chunks and adds nothing per row
         assert _same(step, _select(method, q[:, :, length - 1: length], k[:, :, :length], {}, kv_start))
+    # The first steps select among closed chunks only; later ones chunk the open end again.
+    assert 101 not in extended and 140 in extended
 
 
 def test_decode_stays_exact_when_beam_search_reorders_the_cache_rows():

@@ -111,7 +111,11 @@ def dhsa_select(
         anchor = first_real_blocks(batch, kv_start, chunking.block_size, key.device)
         prefix_out = closed_prefix(layout, anchor, k_len, chunking, padded)
     else:
-        layout = extend_layout(key, prefix, chunking, kv_start)
+        # The candidates end where the last query's window begins. While that lies in the closed chunks (the first
+        # hundred or so tokens after a prefill), the open chunks cannot be selected and need no work.
+        candidates_end = -(-max(k_len - window, 0) // chunking.block_size)
+        closed = candidates_end <= prefix.closed_blocks
+        layout = prefix.layout if closed else extend_layout(key, prefix, chunking, kv_start)
         prefix_out = prefix
     group = num_q_heads // num_kv_heads if shared_kv_heads else 1
     q_rep = query_block_sums(query, block_size_q, group)
