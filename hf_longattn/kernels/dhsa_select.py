@@ -34,11 +34,11 @@ _MAX_SCORE_ELEMENTS = 1 << 25
 def query_block_sums(query: torch.Tensor, block_size_q: int, group: int) -> torch.Tensor:
     """[B, Hq / group, nQB, D] float32: each query block's sum over its queries and over `group` adjacent heads."""
     q_len = query.shape[2]
-    full = q_len // block_size_q
-    sums = query[:, :, : full * block_size_q].unflatten(2, (full, block_size_q)).sum(3, dtype=torch.float32)
-    if q_len % block_size_q:
-        sums = torch.cat([sums, query[:, :, full * block_size_q:].sum(2, keepdim=True, dtype=torch.float32)], 2)
-    return sums.unflatten(1, (-1, group)).sum(2)
+    full = q_len // block_size_q * block_size_q
+    parts = [query[:, :, :full].unflatten(2, (-1, block_size_q)).sum(3, dtype=torch.float32)] if full else []
+    if q_len > full:  # the last block is partial (a decode step's few queries are one)
+        parts.append(query[:, :, full:].sum(2, keepdim=True, dtype=torch.float32))
+    return torch.cat(parts, 2).unflatten(1, (-1, group)).sum(2)
 
 
 def top_blocks(q_rep: torch.Tensor, chunk_rep: torch.Tensor, chunk: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
