@@ -124,7 +124,7 @@ def test_command_quality_part_on_the_bundled_model(tmp_path, smollm2, monkeypatc
 @cpu_only
 def test_command_refuses_a_full_size_run_without_a_gpu_and_bad_arguments(tmp_path, capsys):
     for argv, message in ((["--out", str(tmp_path)], "add --tiny"),
-                          (["--tiny", "--methods", "nope"], "available: blocktopk, dense, hip"),
+                          (["--tiny", "--methods", "nope"], "unknown methods ['nope']; available: blocktopk, dense"),
                           (["--tiny", "--parts", "layer,speed"], "choose from layer, e2e, quality"),
                           (["--tiny", "--contexts", "4q"], "--contexts: length '4q'")):
         with pytest.raises(SystemExit) as exit_info:

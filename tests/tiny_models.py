@@ -64,4 +64,6 @@ FULL_BUDGET = {
     "hip": {"k": 128, "block_size_q": 8, "block_size_k": 2, "query_stride": 2, "sink": 2, "window": 4,
             "refresh_interval": 1},
     "hyper": {"min_seq_len": 1 << 20},
+    "dhsa": {"budget": 128, "block_size_q": 8, "block_size_k": 4, "chunk_size": 8, "max_chunk": 16, "sink": 2,
+             "window": 4},
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import AttentionCall, SparseMethod
 from .blocktopk import BlockTopK
 from .dense import Dense
+from .dhsa import Dhsa
 from .hip import Hip
 from .hyper import Hyper
 from .streaming import Streaming
@@ -23,7 +24,7 @@ def get_method(name: str) -> type[SparseMethod]:
     return METHODS[name]
 
 
-for _cls in (Dense, Streaming, Hip, BlockTopK, Hyper):
+for _cls in (Dense, Streaming, Hip, BlockTopK, Hyper, Dhsa):
     register_method(_cls)
 
 __all__ = ["AttentionCall", "SparseMethod", "METHODS", "register_method", "get_method"]
