@@ -65,7 +65,7 @@ class LayerRunner:
             or k_len < self.config.min_seq_len
         ):
             return dense_attention(query, key, value, scale, softcap, kv_start=kv_start, window=sliding_window)
-        call = AttentionCall(self.layer_idx, scale, softcap, kv_start, self.state)
+        call = AttentionCall(self.layer_idx, scale, softcap, kv_start, self.state, module=module)
         return self.method.attend(query, key, value, call)
 
 

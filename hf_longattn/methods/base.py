@@ -32,6 +32,8 @@ class AttentionCall:
     # static cache read under torch.compile, where its real length is a device tensor). None: the queries are the
     # last Lq of the Lk keys. Only methods with `supports_query_offset` receive a value; the others run dense there.
     q_offset: torch.Tensor | None = None
+    # The attention module transformers called (its `config` and `layer_idx` give the layer's RoPE), or None.
+    module: torch.nn.Module | None = None
 
 
 class SparseMethod:
