@@ -62,4 +62,5 @@ FULL_BUDGET = {
     "blocktopk": {"k": 256, "block_size_q": 8, "block_size_k": 8, "sink": 2, "window": 4},
     "hip": {"k": 128, "block_size_q": 8, "block_size_k": 2, "query_stride": 2, "sink": 2, "window": 4,
             "refresh_interval": 1},
+    "longheads": {"chunk_size": 8, "cap": 128, "block_size_q": 4},
 }

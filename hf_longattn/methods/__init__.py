@@ -6,6 +6,7 @@ from .base import AttentionCall, SparseMethod
 from .blocktopk import BlockTopK
 from .dense import Dense
 from .hip import Hip
+from .longheads import LongHeads
 from .streaming import Streaming
 
 METHODS: dict[str, type[SparseMethod]] = {}
@@ -22,7 +23,7 @@ def get_method(name: str) -> type[SparseMethod]:
     return METHODS[name]
 
 
-for _cls in (Dense, Streaming, Hip, BlockTopK):
+for _cls in (Dense, Streaming, Hip, BlockTopK, LongHeads):
     register_method(_cls)
 
 __all__ = ["AttentionCall", "SparseMethod", "METHODS", "register_method", "get_method"]
