@@ -399,3 +399,40 @@ def test_context_within_the_cap_runs_dense_attention():
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], reference[valid], **TOL)
     assert math.isfinite(float(logits.sum()))
+
+
+# --- the eval CLI past the trained context ------------------------------------------------------------------------------
+
+def test_cli_runs_dense_beside_a_context_extending_method_with_a_note(capsys):
+    from hf_longattn.eval.cli import UsageError, check_lengths
+
+    check_lengths([8192, 16384], 8192, allow_extrapolation=False, methods=["dense", "longheads"])
+    note = capsys.readouterr().err
+    assert "16384" in note and "longheads extend(s) the context" in note and "dense run there too" in note
+    with pytest.raises(UsageError, match="none of the methods extends the context"):
+        check_lengths([8192, 16384], 8192, allow_extrapolation=False, methods=["dense", "hip"])
+
+
+def test_cli_niah_dense_and_longheads_past_the_trained_context_reaches_the_model(monkeypatch, tmp_path):
+    pytest.importorskip("gguf")
+    from hf_longattn.eval.cli import main
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr("hf_longattn.bundled.load_model", load_model)
+    with pytest.raises(Loaded):  # every argument check passed without --allow-extrapolation
+        main(["niah", "--model", "smollm2", "--methods", "dense,longheads", "--lengths", "8k,16k,32k",
+              "--out", str(tmp_path)])
+
+
+def test_cli_refuses_longheads_on_a_model_whose_rope_it_cannot_honour():
+    from hf_longattn.eval.cli import UsageError, check_model_for_methods
+
+    config = LlamaConfig(**COMMON, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(UsageError, match="--methods longheads: .*dynamic"):
+        check_model_for_methods(config, ["dense", "longheads"])
+    check_model_for_methods(make_model("llama").config, ["dense", "longheads"])
