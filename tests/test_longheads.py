@@ -436,3 +436,31 @@ def test_cli_refuses_longheads_on_a_model_whose_rope_it_cannot_honour():
     with pytest.raises(UsageError, match="--methods longheads: .*dynamic"):
         check_model_for_methods(config, ["dense", "longheads"])
     check_model_for_methods(make_model("llama").config, ["dense", "longheads"])
+
+
+# --- the selection kernel -------------------------------------------------------------------------------------------
+
+SELECT_CASES = [  # (q_len, k_len, block_size_q, per query head)
+    (70, 70, 4, False),  # prefill; the padded row's blocks straddle chunk boundaries
+    (1, 90, 1, False),  # decode
+    (9, 77, 4, True),  # a chunked-prefill call, one selection per query head
+    (40, 100, 8, False),
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=["prefill", "decode", "chunked-per-head", "block8"])
+def test_selection_kernel_matches_reference(case):
+    from hf_longattn.kernels.longheads_chunks import select_layout_reference, select_layout_triton
+
+    q_len, k_len, block, per_head = case
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET=1 on CPU (tests/conftest.py)
+    gen = torch.Generator().manual_seed(q_len)
+    query, reps = torch.randn(2, 4, q_len, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
+    start, inv_freq = torch.tensor([0, 5]), layer_inv_freq(make_model("llama").config, 0)
+    options = dict(k_len=k_len, first_block=1 if q_len > 8 else 0, n_blocks=(q_len - 1) // block, block_size_q=block,
+                   chunk_size=8, num_chunks=6, scale=0.3, heads=4 if per_head else 2)
+    options["n_blocks"] = max(options["n_blocks"], 1)
+    expected = select_layout_reference(query, reps, start, inv_freq, **options)
+    got = select_layout_triton(query.to(device), reps.to(device), start.to(device), inv_freq, **options)
+    for name, value in expected.items():
+        assert torch.equal(got[name].cpu().long(), value.long()), name

@@ -18,6 +18,11 @@ region from the start of the previous chunk. Slot ``s`` starts at position ``loc
 so the whole sequence is contiguous in the new positions, ends at the query block and spans at most ``cap`` tokens to
 any query; a far chunk moves by ``delta = new start - old start`` (0 for the local slots, and for every slot when all
 chunks fit, which is then exact dense attention).
+
+`select_layout_reference` composes the steps in PyTorch (`block_geometry`, `select_chunks`, `chunk_layout`);
+`select_layout_triton` runs all of them for one (row, head, query block) in one Triton program
+(longheads_select_kernel.py, imported on first use); `select_layout` dispatches: Triton on CUDA, the reference
+elsewhere. Both break score ties towards the lower chunk.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 
 from ..rope import rotate
 from .dense import dense_attention
+from .ops import HAS_TRITON
 
 # Slots after the far chunks: the previous, own and (for a block that straddles a boundary) next chunk.
 LOCAL_SLOTS = 3
@@ -125,3 +131,65 @@ def chunk_layout(ids: torch.Tensor, counts: torch.Tensor, local_lo: torch.Tensor
         "kv_start": (far_slots - n_far) * chunk_size,
         "q_offset": (far_slots * chunk_size + first_query.unsqueeze(1) - local_start.squeeze(-1)).expand_as(n_far),
     }
+
+
+def select_layout_reference(query, reps, row_start, inv_freq, k_len: int, first_block: int, n_blocks: int,
+                            block_size_q: int, chunk_size: int, num_chunks: int, scale: float, heads: int) -> dict:
+    """The compact key layout of query blocks [first_block, first_block + n_blocks) of the call's queries.
+
+    query [B, Hq, Lq, D] (the last Lq of k_len keys, as cached), reps [B, Hq, C, D] float32, row_start [B] (first real
+    key of each row); heads: pattern heads (key/value heads for a shared selection, else query heads). Returns
+    `chunk_layout`'s dict, each tensor [B, heads, n_blocks(, slots)].
+    """
+    batch, num_q_heads, q_len, dim = query.shape
+    device = query.device
+    q0, q1 = first_block * block_size_q, min((first_block + n_blocks) * block_size_q, q_len)
+    q = torch.nn.functional.pad(query[:, :, q0:q1], (0, 0, 0, n_blocks * block_size_q - (q1 - q0)))
+    first = (k_len - q_len + q0 + torch.arange(n_blocks, device=device) * block_size_q).expand(batch, n_blocks)
+    last = (first + block_size_q).clamp(max=k_len) - 1
+    pos = first.unsqueeze(-1) + torch.arange(block_size_q, device=device)  # [B, nQB, Bq]
+    start = row_start.view(-1, 1, 1)
+    live = (pos >= start) & (pos < k_len)
+    geo = block_geometry(first, last, row_start, chunk_size, num_chunks)
+    local_q = rotate(q.view(batch, num_q_heads, n_blocks, block_size_q, dim), -(pos - start).unsqueeze(1), inv_freq)
+    ids, counts = select_chunks(local_q, reps, live, geo["local_lo"], geo["n_select"], num_chunks - 3, scale, heads)
+    return chunk_layout(ids, counts, geo["local_lo"], geo["local_hi"], row_start, first, chunk_size, num_chunks)
+
+
+def select_layout_triton(query, reps, row_start, inv_freq, k_len: int, first_block: int, n_blocks: int,
+                         block_size_q: int, chunk_size: int, num_chunks: int, scale: float, heads: int,
+                         block_m: int = 64, block_c: int = 64, num_warps: int = 4) -> dict:
+    """Same as the reference, one Triton program per (row, pattern head, query block)."""
+    import triton
+
+    from .longheads_select_kernel import select_layout_kernel
+
+    batch, num_q_heads, q_len, dim = query.shape
+    device = query.device
+    rows, slots = batch * heads * n_blocks, num_chunks + 1
+    group = num_q_heads // heads
+    c_pad = triton.next_power_of_2(max(reps.shape[2], 16))
+    half_p2 = max(triton.next_power_of_2(dim // 2), 8)
+    block_m = max(16, min(block_m, triton.next_power_of_2(block_size_q)))
+    scores = torch.empty(rows, c_pad, dtype=torch.float32, device=device)
+    lse = torch.empty(rows, group * block_size_q, dtype=torch.float32, device=device)
+    src = torch.empty(rows, slots, dtype=torch.int32, device=device)
+    delta = torch.empty_like(src)
+    kv_start = torch.empty(rows, dtype=torch.int32, device=device)
+    q_offset = torch.empty_like(kv_start)
+    select_layout_kernel[(n_blocks, batch * heads)](
+        query, reps, row_start.to(torch.int32), inv_freq.to(device=device, dtype=torch.float32), scores, lse, src,
+        delta, kv_start, q_offset, *query.stride(), *reps.stride(), q_len, k_len, first_block, n_blocks, heads,
+        chunk_size, scale, G=group, BQ=block_size_q, M=num_chunks, HALF=dim // 2, HALF_P2=half_p2, BLOCK_M=block_m,
+        BLOCK_C=block_c, C_PAD=c_pad, F_PAD=triton.next_power_of_2(num_chunks), ROWS_PAD=group * block_size_q,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
+    )
+    shape = (batch, heads, n_blocks)
+    return {"src_start": src.view(*shape, slots), "delta": delta.view(*shape, slots), "kv_start": kv_start.view(shape),
+            "q_offset": q_offset.view(shape)}
+
+
+def select_layout(query, reps, row_start, inv_freq, **options) -> dict:
+    """Dispatch: the Triton kernel for CUDA tensors (when triton is installed), the reference otherwise."""
+    run = select_layout_triton if HAS_TRITON and query.is_cuda else select_layout_reference
+    return run(query, reps, row_start, inv_freq, **options)

@@ -38,9 +38,9 @@ import torch
 
 from ..config import ConfigError, MethodConfig, positive
 from ..kernels import dense_attention, sparse_attention, window_pattern
-from ..kernels.longheads_chunks import LOCAL_SLOTS, block_geometry, chunk_layout, chunk_representatives, select_chunks
+from ..kernels.longheads_chunks import LOCAL_SLOTS, chunk_representatives, select_layout
 from ..kernels.longheads_gather import gather_rotate
-from ..rope import check_rope, layer_inv_freq, rotate
+from ..rope import check_rope, layer_inv_freq
 from .base import SparseMethod
 
 logger = logging.getLogger("hf_longattn")
@@ -104,9 +104,11 @@ class ChunkState:
     starts: list[int]  # each row's first real key (left padding), read once per sequence
     done: list[int]  # chunks of each row that have a representative
     reps: torch.Tensor  # [B, Hq, C, D] float32 representatives (chunk-local frame)
-    recent: torch.Tensor | None  # [B, Hq, chunk_size, D]: the queries at positions [end - chunk_size, end)
-    end: int  # key length after the last call
+    ring: torch.Tensor  # [B, Hq, chunk_size, D]: the query at position p sits in slot p % chunk_size, for the
+    ring_end: int  # chunk_size positions before ring_end...
+    seen_from: int  # ...that are not before the first position whose query this state saw
     marks: torch.Tensor | None  # [B, Hkv, n, D]: each row's newest keys, to follow rows that beam search reorders
+    marks_end: int
 
 
 def default_cap(config, chunk_size: int) -> int:
@@ -159,56 +161,62 @@ class LongHeads(SparseMethod):
         """Bring the layer's representatives up to every chunk completed by this call's keys."""
         batch, num_q_heads, q_len, dim = query.shape
         k_len, size = key.shape[2], self.config.chunk_size
+        first_query = k_len - q_len
         state = call.state.get("longheads")
         if state is None or len(state.starts) != batch:
             starts = [0] * batch if call.kv_start is None else [int(s) for s in call.kv_start.tolist()]
             state = ChunkState(starts, [0] * batch, query.new_zeros(batch, num_q_heads, 0, dim, dtype=torch.float32),
-                               None, k_len - q_len, None)
+                               query.new_zeros(batch, num_q_heads, size, dim), first_query, first_query, None, 0)
             call.state["longheads"] = state
         elif batch > 1 and state.marks is not None:
             self._follow_reordered_rows(state, key)
+        if state.ring_end != first_query:  # this call does not continue the queries the ring holds
+            state.seen_from = first_query
 
-        known = query if state.recent is None else torch.cat([state.recent, query], dim=2)
-        first_known = k_len - known.shape[2]  # queries are known for positions [first_known, k_len)
         total = [max(k_len - s, 0) // size for s in state.starts]
-        counts = torch.tensor([t - d for t, d in zip(total, state.done)])
-        if int(counts.sum()):
-            if max(total) > state.reps.shape[2]:
-                grow = max(max(total), 2 * state.reps.shape[2]) - state.reps.shape[2]
-                state.reps = torch.nn.functional.pad(state.reps, (0, 0, 0, grow))
-            rows = torch.repeat_interleave(torch.arange(batch), counts)
-            first_new = torch.tensor(state.done).repeat_interleave(counts)
-            offsets = torch.arange(len(rows)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-            self._add_representatives(state, query, key, value, known, first_known, rows, first_new + offsets, call,
-                                      inv_freq)
+        if total != state.done:
+            self._add_representatives(state, query, key, value, total, call, inv_freq)
             state.done = total
-
-        tail = known[:, :, -size:]
-        state.recent = torch.nn.functional.pad(tail, (0, 0, size - tail.shape[2], 0)).clone()
-        state.end = k_len
-        state.marks = key[:, :, max(k_len - _ROW_MARK_KEYS, 0):].clone() if batch > 1 else None
+        tail = min(q_len, size)  # the newest queries go into the ring at their positions
+        slots = torch.arange(k_len - tail, k_len, device=query.device) % size
+        state.ring[:, :, slots] = query[:, :, q_len - tail:]
+        state.ring_end = k_len
+        if batch > 1:
+            state.marks, state.marks_end = key[:, :, max(k_len - _ROW_MARK_KEYS, 0):].clone(), k_len
         return state
 
-    def _add_representatives(self, state, query, key, value, known, first_known, rows, chunks, call, inv_freq):
+    def _add_representatives(self, state, query, key, value, total, call, inv_freq):
+        """Representatives of each row's chunks from state.done to total, in rounds of bounded size."""
         size = self.config.chunk_size
-        num_q_heads, num_kv_heads = query.shape[1], key.shape[1]
-        device = query.device
+        (batch, num_q_heads, q_len, dim), num_kv_heads, k_len = query.shape, key.shape[1], key.shape[2]
+        first_query, device = k_len - q_len, query.device
+        known_from = max(state.seen_from, first_query - size)  # queries of earlier positions are not known
+        counts = torch.tensor([t - d for t, d in zip(total, state.done)])
+        if max(total) > state.reps.shape[2]:
+            grow = max(max(total), 2 * state.reps.shape[2]) - state.reps.shape[2]
+            state.reps = torch.nn.functional.pad(state.reps, (0, 0, 0, grow))
+        rows = torch.repeat_interleave(torch.arange(batch), counts)
+        offsets = torch.arange(len(rows)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+        chunks = torch.tensor(state.done).repeat_interleave(counts) + offsets
+        first_start = min(s + d * size for s, d, n in zip(state.starts, state.done, counts.tolist()) if n)
+        if first_start < known_from:
+            from ..attention import warn_once
+
+            warn_once("hf_longattn: longheads did not see the queries of some chunks (the layer's state was lost, "
+                      "e.g. by a cache rolled back); their representatives use the chunk's keys as queries")
         starts = torch.tensor(state.starts, device=device)
-        per_round = max(1, _ROUND_ELEMENTS // (num_q_heads * size * max(size, query.shape[-1])))
+        per_round = max(1, _ROUND_ELEMENTS // (num_q_heads * size * max(size, dim)))
         for i in range(0, len(rows), per_round):
             r, c = rows[i:i + per_round].to(device), chunks[i:i + per_round].to(device)
             pos = (starts[r] + c * size).unsqueeze(-1) + torch.arange(size, device=device)  # [P, L]
             k = key[r.unsqueeze(-1), :, pos].transpose(1, 2)  # [P, Hkv, L, D]
             v = value[r.unsqueeze(-1), :, pos].transpose(1, 2)
-            q = known[r.unsqueeze(-1), :, (pos - first_known).clamp(min=0)].transpose(1, 2)
-            unseen = pos[:, 0] < first_known
-            if bool(unseen.any()):
-                from ..attention import warn_once
-
-                warn_once("hf_longattn: longheads did not see the queries of some chunks (the layer's state was lost, "
-                          "e.g. by a cache rolled back); their representatives use the chunk's keys as queries")
-                stand_in = k.repeat_interleave(num_q_heads // num_kv_heads, dim=1).to(q.dtype)
-                q = torch.where(unseen.view(-1, 1, 1, 1), stand_in, q)
+            q = query[r.unsqueeze(-1), :, (pos - first_query).clamp(min=0)].transpose(1, 2)
+            if first_start < first_query:  # chunks that began before this call: earlier queries from the ring
+                from_ring = state.ring[r.unsqueeze(-1), :, pos % size].transpose(1, 2)
+                q = torch.where((pos < first_query).view(-1, 1, size, 1), from_ring, q)
+                unseen = (pos[:, 0] < known_from).view(-1, 1, 1, 1)
+                q = torch.where(unseen, k.repeat_interleave(num_q_heads // num_kv_heads, dim=1).to(q.dtype), q)
             state.reps[r, :, c] = chunk_representatives(q, k, v, c, size, inv_freq, call.scale, call.softcap)
 
     @staticmethod
@@ -216,13 +224,11 @@ class LongHeads(SparseMethod):
         """Beam search reorders the cache rows between steps: give each row the state of the row it now continues,
         the one whose newest keys it holds (on device, without a sync)."""
         marks = state.marks
-        now = key[:, :, state.end - marks.shape[2]: state.end]
+        now = key[:, :, state.marks_end - marks.shape[2]: state.marks_end]
         if now.shape != marks.shape:
             return
         source = torch.cdist(now.flatten(1).float(), marks.flatten(1).float()).argmin(1)
-        state.reps = state.reps[source]
-        if state.recent is not None:
-            state.recent = state.recent[source]
+        state.reps, state.ring = state.reps[source], state.ring[source]
 
     # --- attention over the selected, re-placed chunks ----------------------------------------------------------
 
@@ -240,40 +246,35 @@ class LongHeads(SparseMethod):
         block = min(c.block_size_q, q_len)
         n_blocks = -(-q_len // block)
         slots = num_chunks - 2 + LOCAL_SLOTS  # far chunks, then the local region
-        per_round = max(1, _ROUND_ELEMENTS // (batch * max(heads * slots * size * dim, num_q_heads * block * reps.shape[2])))
+        per_block = heads * slots * size * dim + num_q_heads * block * max(reps.shape[2], dim)
+        per_round = max(1, _ROUND_ELEMENTS // (batch * per_block))
         kv_head = torch.arange(heads, device=device) * num_kv_heads // heads
 
         out = query.new_empty(batch, q_len, num_q_heads, dim)
         for j0 in range(0, n_blocks, per_round):
             nb = min(per_round, n_blocks - j0)
             q0, q1 = j0 * block, min((j0 + nb) * block, q_len)
-            q = torch.nn.functional.pad(query[:, :, q0:q1], (0, 0, 0, nb * block - (q1 - q0)))
-            first = (k_len - q_len + q0 + torch.arange(nb, device=device) * block).expand(batch, nb)
-            last = (first + block).clamp(max=k_len) - 1
-            pos = first.unsqueeze(-1) + torch.arange(block, device=device)  # [B, nb, Bq]
-            live = (pos >= start.view(-1, 1, 1)) & (pos < k_len)
-            geo = block_geometry(first, last, start, size, num_chunks)
-
-            blocks = q.view(batch, num_q_heads, nb, block, dim)
-            local_q = rotate(blocks, -(pos - start.view(-1, 1, 1)).unsqueeze(1), inv_freq)
-            ids, counts = select_chunks(local_q, reps, live, geo["local_lo"], geo["n_select"], num_chunks - 3,
-                                        call.scale, heads)
-            layout = chunk_layout(ids, counts, geo["local_lo"], geo["local_hi"], start, first, size, num_chunks)
-
+            layout = select_layout(query, reps, start, inv_freq, k_len=k_len, first_block=j0, n_blocks=nb,
+                                   block_size_q=block, chunk_size=size, num_chunks=num_chunks, scale=call.scale,
+                                   heads=heads)
             rows = batch * heads * nb
             batch_index = torch.arange(batch, device=device).view(-1, 1, 1).expand(batch, heads, nb)
             head_index = kv_head.view(1, -1, 1).expand(batch, heads, nb)
             keys, values = gather_rotate(key, value, batch_index.reshape(-1), head_index.reshape(-1),
                                          layout["src_start"].view(rows, slots), layout["delta"].view(rows, slots),
                                          size, inv_freq)
-            q_rows = blocks.view(batch, heads, group, nb, block, dim).transpose(2, 3).reshape(rows, group, block, dim)
+            q = query[:, :, q0:q1]
+            if q1 - q0 < nb * block:
+                q = torch.nn.functional.pad(q, (0, 0, 0, nb * block - (q1 - q0)))
+            q_rows = q.reshape(batch, heads, group, nb, block, dim).transpose(2, 3).reshape(rows, group, block, dim)
             pattern = window_pattern(rows, 1, block, block, size, 0, slots * size, device)
             o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
                                  kv_start=layout["kv_start"].reshape(-1), q_offset=layout["q_offset"].reshape(-1))
-            o = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5).reshape(batch, nb * block,
-                                                                                              num_q_heads, dim)
-            o = o.masked_fill(~live.view(batch, nb * block, 1, 1), 0)
-            out[:, q0:q1] = o[:, : q1 - q0]
+            o = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5)
+            out[:, q0:q1] = o.reshape(batch, nb * block, num_q_heads, dim)[:, : q1 - q0]
+        if call.kv_start is not None and q_len > 1:  # queries on left padding see no key: 0, as dense gives
+            positions = torch.arange(k_len - q_len, k_len, device=device)
+            out.masked_fill_((positions < start.view(-1, 1)).view(batch, q_len, 1, 1), 0)
         return out
 
 
