@@ -2,6 +2,7 @@
 method against a brute-force statement of the paper's algorithm, exactness at a budget that covers the context, decode
 state (incremental = prefill, beam search reorders, new sequences) and left padding."""
 
+import itertools
 import math
 import types
 
@@ -127,37 +128,35 @@ def test_length_dependent_rope_is_refused_with_the_fix(rope_type):
 
 # --- the gather kernel ----------------------------------------------------------------------------------------------
 
-def _gather_case(seed=0):
+def _gather_case(seed=0, heads=3):
+    """Cache [2, 3, 50, 16]; per (row, head, block): 3 slots, some unused (-1), some running past the cache."""
     gen = torch.Generator().manual_seed(seed)
     key, value = torch.randn(2, 3, 50, 16, generator=gen), torch.randn(2, 3, 50, 16, generator=gen)
-    batch_index, head_index = torch.tensor([0, 1, 1, 0]), torch.tensor([2, 0, 1, 1])
-    src_start = torch.tensor([[0, 8, -1], [40, 16, 24], [-1, -1, 48], [3, 45, 10]])  # unused slots, past the cache
-    delta = torch.tensor([[100, 0, 7], [-40, 3, 0], [0, 0, 5], [2, -1, 900]])
-    return key, value, batch_index, head_index, src_start, delta, layer_inv_freq(make_model("llama").config, 0)
+    src_start = torch.randint(-1, 50, (2, heads, 2, 3), generator=gen)
+    delta = torch.randint(-900, 900, (2, heads, 2, 3), generator=gen)
+    return key, value, src_start, delta, layer_inv_freq(make_model("llama").config, 0)
 
 
-def test_gather_reference_copies_turns_and_zeroes():
-    key, value, b, h, src, delta, inv_freq = _gather_case()
-    keys, values = gather_rotate_reference(key, value, b, h, src, delta, 8, inv_freq)
-    keys, values = keys.view(4, 3, 8, 16), values.view(4, 3, 8, 16)
-    for r in range(4):
-        for s in range(3):
-            for t in range(8):
-                p = int(src[r, s]) + t
-                if src[r, s] < 0 or p >= 50:
-                    assert not keys[r, s, t].any() and not values[r, s, t].any()
-                else:
-                    torch.testing.assert_close(values[r, s, t], value[b[r], h[r], p])
-                    expected = rotate(key[b[r], h[r], p], delta[r, s], inv_freq)
-                    torch.testing.assert_close(keys[r, s, t], expected)
+@pytest.mark.parametrize("heads", [3, 6], ids=["per-kv-head", "per-query-head"])
+def test_gather_reference_copies_turns_and_zeroes(heads):
+    key, value, src, delta, inv_freq = _gather_case(heads=heads)
+    keys, values = gather_rotate_reference(key, value, src, delta, 8, inv_freq)
+    keys, values = keys.view(2, heads, 2, 3, 8, 16), values.view(2, heads, 2, 3, 8, 16)
+    for b, h, j, s, t in itertools.product(range(2), range(heads), range(2), range(3), range(8)):
+        p, kv = int(src[b, h, j, s]) + t, h * 3 // heads
+        if src[b, h, j, s] < 0 or p >= 50:
+            assert not keys[b, h, j, s, t].any() and not values[b, h, j, s, t].any()
+        else:
+            torch.testing.assert_close(values[b, h, j, s, t], value[b, kv, p])
+            torch.testing.assert_close(keys[b, h, j, s, t], rotate(key[b, kv, p], delta[b, h, j, s], inv_freq))
 
 
-def test_gather_triton_kernel_matches_reference():
+@pytest.mark.parametrize("heads", [3, 6], ids=["per-kv-head", "per-query-head"])
+def test_gather_triton_kernel_matches_reference(heads):
     device = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET=1 on CPU (tests/conftest.py)
-    key, value, b, h, src, delta, inv_freq = _gather_case(seed=1)
-    expected = gather_rotate_reference(key, value, b, h, src, delta, 8, inv_freq)
-    got = gather_rotate_triton(*(t.to(device) for t in (key, value, b, h, src, delta)), 8, inv_freq,
-                               block_tokens=4)
+    key, value, src, delta, inv_freq = _gather_case(seed=1, heads=heads)
+    expected = gather_rotate_reference(key, value, src, delta, 8, inv_freq)
+    got = gather_rotate_triton(*(t.to(device) for t in (key, value, src, delta)), 8, inv_freq, block_tokens=4)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.cpu(), e, atol=1e-5, rtol=1e-5)
 
@@ -292,7 +291,7 @@ def test_selected_path_with_a_covering_cap_is_dense(softcap):
     call = AttentionCall(0, 0.3, softcap, starts, {}, module=_module(model))
     inv_freq, cap = method.layer(call, q.device)
     state = method.update_state(q, k, v, call, inv_freq)
-    out = method.attend_selected(q, k, v, call, state.reps, inv_freq, cap)  # the gather path, not the dense shortcut
+    out = method.attend_selected(q, k, v, call, state, inv_freq, cap)  # the gather path, not the dense shortcut
     torch.testing.assert_close(out, dense_attention(q, k, v, 0.3, softcap, kv_start=starts), **TOL)
 
 
@@ -414,7 +413,6 @@ def test_cli_runs_dense_beside_a_context_extending_method_with_a_note(capsys):
 
 
 def test_cli_niah_dense_and_longheads_past_the_trained_context_reaches_the_model(monkeypatch, tmp_path):
-    pytest.importorskip("gguf")
     from hf_longattn.eval.cli import main
 
     class Loaded(Exception):
@@ -423,10 +421,14 @@ def test_cli_niah_dense_and_longheads_past_the_trained_context_reaches_the_model
     def load_model(*args, **kwargs):
         raise Loaded
 
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    trained = LlamaConfig(**{**COMMON, "max_position_embeddings": 8192})
+    monkeypatch.setattr("hf_longattn.eval.cli.load_config", lambda path, gguf_file: trained)
     monkeypatch.setattr("hf_longattn.bundled.load_model", load_model)
     with pytest.raises(Loaded):  # every argument check passed without --allow-extrapolation
-        main(["niah", "--model", "smollm2", "--methods", "dense,longheads", "--lengths", "8k,16k,32k",
-              "--out", str(tmp_path)])
+        main(["niah", "--model", str(model_dir), "--methods", "dense,longheads", "--lengths", "8k,16k,32k",
+              "--out", str(tmp_path / "out")])
 
 
 def test_cli_refuses_longheads_on_a_model_whose_rope_it_cannot_honour():

@@ -10,9 +10,9 @@ import triton.language as tl
 # Lengths change at every decode step: specialising on them would recompile the kernel each time.
 @triton.jit(do_not_specialize=["k_len"])
 def gather_rotate_kernel(
-    K, V, OUT_K, OUT_V, BATCH, HEAD, SRC_START, DELTA, INV_FREQ,
+    K, V, OUT_K, OUT_V, SRC_START, DELTA, INV_FREQ,
     stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
-    k_len, slots, chunk_size,
+    k_len, slots, chunk_size, num_heads, n_blocks, num_kv_heads,
     HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -21,8 +21,8 @@ def gather_rotate_kernel(
     f = tl.arange(0, HALF_P2)
     start = tl.load(SRC_START + row * slots + slot)
     delta = tl.load(DELTA + row * slots + slot).to(tl.float32)
-    b = tl.load(BATCH + row).to(tl.int64)
-    h = tl.load(HEAD + row).to(tl.int64)
+    b = (row // (num_heads * n_blocks)).to(tl.int64)  # rows are [B, H, nQB]
+    h = ((row // n_blocks) % num_heads * num_kv_heads // num_heads).to(tl.int64)  # the pattern head's kv head
 
     pos = start + t
     in_chunk = t < chunk_size

@@ -101,7 +101,8 @@ class LongHeadsConfig(MethodConfig):
 class ChunkState:
     """What one layer remembers across the calls of one sequence."""
 
-    starts: list[int]  # each row's first real key (left padding), read once per sequence
+    starts: list[int]  # each row's first real key (left padding), read once per sequence...
+    row_start: torch.Tensor  # ...and the same as an int32 [B] tensor on the device
     done: list[int]  # chunks of each row that have a representative
     reps: torch.Tensor  # [B, Hq, C, D] float32 representatives (chunk-local frame)
     ring: torch.Tensor  # [B, Hq, chunk_size, D]: the query at position p sits in slot p % chunk_size, for the
@@ -129,6 +130,7 @@ class LongHeads(SparseMethod):
     def __init__(self, config: LongHeadsConfig):
         super().__init__(config)
         self._layers: dict = {}
+        self._patterns: dict = {}
 
     @staticmethod
     def check_model_config(config) -> None:
@@ -153,7 +155,7 @@ class LongHeads(SparseMethod):
         state = self.update_state(query, key, value, call, inv_freq)
         if key.shape[2] - min(state.starts) <= cap:  # every query's context fits: nothing moves
             return dense_attention(query, key, value, call.scale, call.softcap, kv_start=call.kv_start)
-        return self.attend_selected(query, key, value, call, state.reps, inv_freq, cap)
+        return self.attend_selected(query, key, value, call, state, inv_freq, cap)
 
     # --- chunk representatives and the decode state ------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class LongHeads(SparseMethod):
         state = call.state.get("longheads")
         if state is None or len(state.starts) != batch:
             starts = [0] * batch if call.kv_start is None else [int(s) for s in call.kv_start.tolist()]
-            state = ChunkState(starts, [0] * batch, query.new_zeros(batch, num_q_heads, 0, dim, dtype=torch.float32),
+            state = ChunkState(starts, torch.tensor(starts, dtype=torch.int32, device=query.device), [0] * batch, query.new_zeros(batch, num_q_heads, 0, dim, dtype=torch.float32),
                                query.new_zeros(batch, num_q_heads, size, dim), first_query, first_query, None, 0)
             call.state["longheads"] = state
         elif batch > 1 and state.marks is not None:
@@ -177,9 +179,11 @@ class LongHeads(SparseMethod):
         if total != state.done:
             self._add_representatives(state, query, key, value, total, call, inv_freq)
             state.done = total
-        tail = min(q_len, size)  # the newest queries go into the ring at their positions
-        slots = torch.arange(k_len - tail, k_len, device=query.device) % size
-        state.ring[:, :, slots] = query[:, :, q_len - tail:]
+        tail = min(q_len, size)  # the newest queries go into the ring at their positions (two slices if it wraps)
+        first_slot = (k_len - tail) % size
+        split = min(tail, size - first_slot)
+        state.ring[:, :, first_slot:first_slot + split] = query[:, :, q_len - tail:q_len - tail + split]
+        state.ring[:, :, : tail - split] = query[:, :, q_len - tail + split:]
         state.ring_end = k_len
         if batch > 1:
             state.marks, state.marks_end = key[:, :, max(k_len - _ROW_MARK_KEYS, 0):].clone(), k_len
@@ -232,7 +236,7 @@ class LongHeads(SparseMethod):
 
     # --- attention over the selected, re-placed chunks ----------------------------------------------------------
 
-    def attend_selected(self, query, key, value, call, reps, inv_freq, cap) -> torch.Tensor:
+    def attend_selected(self, query, key, value, call, state: ChunkState, inv_freq, cap) -> torch.Tensor:
         """query [B, Hq, Lq, D] (the last Lq of the keys), key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D]."""
         c = self.config
         size, num_chunks = c.chunk_size, cap // c.chunk_size
@@ -240,42 +244,47 @@ class LongHeads(SparseMethod):
         num_kv_heads, k_len = key.shape[1], key.shape[2]
         heads = num_kv_heads if c.shared_kv_heads else num_q_heads
         group = num_q_heads // heads
-        device = query.device
-        start = (torch.zeros(batch, dtype=torch.long, device=device) if call.kv_start is None
-                 else call.kv_start.to(device=device, dtype=torch.long))
+        device, reps = query.device, state.reps
         block = min(c.block_size_q, q_len)
         n_blocks = -(-q_len // block)
         slots = num_chunks - 2 + LOCAL_SLOTS  # far chunks, then the local region
         per_block = heads * slots * size * dim + num_q_heads * block * max(reps.shape[2], dim)
         per_round = max(1, _ROUND_ELEMENTS // (batch * per_block))
-        kv_head = torch.arange(heads, device=device) * num_kv_heads // heads
 
-        out = query.new_empty(batch, q_len, num_q_heads, dim)
+        out = query.new_empty(batch, q_len, num_q_heads, dim) if n_blocks > per_round else None
         for j0 in range(0, n_blocks, per_round):
             nb = min(per_round, n_blocks - j0)
             q0, q1 = j0 * block, min((j0 + nb) * block, q_len)
-            layout = select_layout(query, reps, start, inv_freq, k_len=k_len, first_block=j0, n_blocks=nb,
+            layout = select_layout(query, reps, state.row_start, inv_freq, k_len=k_len, first_block=j0, n_blocks=nb,
                                    block_size_q=block, chunk_size=size, num_chunks=num_chunks, scale=call.scale,
                                    heads=heads)
             rows = batch * heads * nb
-            batch_index = torch.arange(batch, device=device).view(-1, 1, 1).expand(batch, heads, nb)
-            head_index = kv_head.view(1, -1, 1).expand(batch, heads, nb)
-            keys, values = gather_rotate(key, value, batch_index.reshape(-1), head_index.reshape(-1),
-                                         layout["src_start"].view(rows, slots), layout["delta"].view(rows, slots),
-                                         size, inv_freq)
+            keys, values = gather_rotate(key, value, layout["src_start"], layout["delta"], size, inv_freq)
             q = query[:, :, q0:q1]
             if q1 - q0 < nb * block:
                 q = torch.nn.functional.pad(q, (0, 0, 0, nb * block - (q1 - q0)))
             q_rows = q.reshape(batch, heads, group, nb, block, dim).transpose(2, 3).reshape(rows, group, block, dim)
-            pattern = window_pattern(rows, 1, block, block, size, 0, slots * size, device)
+            pattern = self._covering_pattern(rows, block, slots * size, device)
             o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
                                  kv_start=layout["kv_start"].reshape(-1), q_offset=layout["q_offset"].reshape(-1))
             o = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5)
-            out[:, q0:q1] = o.reshape(batch, nb * block, num_q_heads, dim)[:, : q1 - q0]
+            o = o.reshape(batch, nb * block, num_q_heads, dim)[:, : q1 - q0]
+            if nb == n_blocks:  # one round: no copy into `out`
+                out = o
+            else:
+                out[:, q0:q1] = o
         if call.kv_start is not None and q_len > 1:  # queries on left padding see no key: 0, as dense gives
             positions = torch.arange(k_len - q_len, k_len, device=device)
-            out.masked_fill_((positions < start.view(-1, 1)).view(batch, q_len, 1, 1), 0)
+            out = out.masked_fill((positions < state.row_start.view(-1, 1)).view(batch, q_len, 1, 1), 0)
         return out
+
+    def _covering_pattern(self, rows: int, block: int, length: int, device):
+        """A pattern whose window covers a whole compact key sequence (cached: decode asks for the same one)."""
+        key = (rows, block, length, device)
+        if key not in self._patterns:
+            self._patterns.clear()
+            self._patterns[key] = window_pattern(rows, 1, block, block, self.config.chunk_size, 0, length, device)
+        return self._patterns[key]
 
 
 __all__ = ["LongHeads", "LongHeadsConfig"]
