@@ -6,6 +6,22 @@ and f + D/2) turned by delta * inv_freq[f], values as they are, zeros where the 
 import triton
 import triton.language as tl
 
+# 2 pi in three parts (Cody-Waite): k * _TWO_PI_HI is exact for |k| < 2^15, so reducing an angle of a position up to
+# ~200K keeps it accurate to a few ulps, and sin/cos then see |x| <= pi (where even fast approximations are exact).
+_TWO_PI_HI: tl.constexpr = 6.28125
+_TWO_PI_MID: tl.constexpr = 0.0019353071693331003  # float32-exact
+_TWO_PI_LO: tl.constexpr = 1.0253131677018246e-11
+
+
+@triton.jit
+def cos_sin(angle):
+    """(cos, sin) of float32 angles of any size, as accurate as torch's on the same float32 angles."""
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)
+    x = angle - k * _TWO_PI_HI
+    x = x - k * _TWO_PI_MID
+    x = x - k * _TWO_PI_LO
+    return tl.cos(x), tl.sin(x)
+
 
 # Lengths change at every decode step: specialising on them would recompile the kernel each time.
 @triton.jit(do_not_specialize=["k_len"])
@@ -32,9 +48,8 @@ def gather_rotate_kernel(
     k_rows = K + b * stride_kb + h * stride_kh + pos[:, None].to(tl.int64) * stride_kl
     k1 = tl.load(k_rows + f[None, :] * stride_kd, mask=load_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k_rows + (f[None, :] + HALF) * stride_kd, mask=load_mask, other=0.0).to(tl.float32)
-    angle = delta * tl.load(INV_FREQ + f, mask=f_ok, other=0.0)
-    cos = tl.cos(angle)[None, :]
-    sin = tl.sin(angle)[None, :]
+    cos, sin = cos_sin(delta * tl.load(INV_FREQ + f, mask=f_ok, other=0.0))
+    cos, sin = cos[None, :], sin[None, :]
     v_rows = V + b * stride_vb + h * stride_vh + pos[:, None].to(tl.int64) * stride_vl
     v1 = tl.load(v_rows + f[None, :] * stride_vd, mask=load_mask, other=0.0)
     v2 = tl.load(v_rows + (f[None, :] + HALF) * stride_vd, mask=load_mask, other=0.0)

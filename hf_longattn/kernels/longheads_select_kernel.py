@@ -8,6 +8,8 @@ queries and heads), the top chunks by repeated argmax, and the slots of the comp
 import triton
 import triton.language as tl
 
+from .longheads_gather_kernel import cos_sin
+
 
 @triton.jit
 def _local_queries(Q, q_base, t, p, live, row_start, inv_freq, f, stride_ql, stride_qd, HALF: tl.constexpr,
@@ -18,8 +20,7 @@ def _local_queries(Q, q_base, t, p, live, row_start, inv_freq, f, stride_ql, str
     ptrs = Q + q_base + t[:, None].to(tl.int64) * stride_ql
     q1 = tl.load(ptrs + f[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(ptrs + (f[None, :] + HALF) * stride_qd, mask=mask, other=0.0).to(tl.float32)
-    angle = -(p - row_start).to(tl.float32)[:, None] * inv_freq[None, :]
-    cos, sin = tl.cos(angle), tl.sin(angle)
+    cos, sin = cos_sin(-(p - row_start).to(tl.float32)[:, None] * inv_freq[None, :])
     return tl.reshape(tl.join(q1 * cos - q2 * sin, q2 * cos + q1 * sin), [BLOCK_M, 2 * HALF_P2])
 
 

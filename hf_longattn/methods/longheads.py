@@ -31,7 +31,6 @@ keys standing in for their queries, with a warning.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +42,12 @@ from ..kernels.longheads_gather import gather_rotate
 from ..rope import check_rope, layer_inv_freq
 from .base import SparseMethod
 
-logger = logging.getLogger("hf_longattn")
-
 # The paper's attention length; the default cap is the model's trained context, at most this.
 MAX_DEFAULT_CAP = 4096
 DEFAULT_BLOCK_SIZE_Q = 128
-# Elements of the largest intermediate tensor of one round (compact keys, scores, in-chunk attention).
-_ROUND_ELEMENTS = 1 << 27
+# Elements of the largest intermediate tensors of one round (compact keys, in-chunk attention), per device type: a
+# GPU wants rounds large enough to fill it, a CPU small enough to stay in memory.
+_ROUND_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 24}
 # Newest keys per row remembered to recognise rows that beam search reordered.
 _ROW_MARK_KEYS = 16
 
@@ -112,6 +110,10 @@ class ChunkState:
     marks_end: int
 
 
+def _round_elements(device: torch.device) -> int:
+    return _ROUND_ELEMENTS.get(device.type, _ROUND_ELEMENTS["cpu"])
+
+
 def default_cap(config, chunk_size: int) -> int:
     trained = getattr(config, "max_position_embeddings", None) or MAX_DEFAULT_CAP
     cap = min(trained, MAX_DEFAULT_CAP) // chunk_size * chunk_size
@@ -167,8 +169,11 @@ class LongHeads(SparseMethod):
         state = call.state.get("longheads")
         if state is None or len(state.starts) != batch:
             starts = [0] * batch if call.kv_start is None else [int(s) for s in call.kv_start.tolist()]
-            state = ChunkState(starts, torch.tensor(starts, dtype=torch.int32, device=query.device), [0] * batch, query.new_zeros(batch, num_q_heads, 0, dim, dtype=torch.float32),
-                               query.new_zeros(batch, num_q_heads, size, dim), first_query, first_query, None, 0)
+            state = ChunkState(
+                starts, torch.tensor(starts, dtype=torch.int32, device=query.device), [0] * batch,
+                reps=query.new_zeros(batch, num_q_heads, 0, dim, dtype=torch.float32),
+                ring=query.new_zeros(batch, num_q_heads, size, dim), ring_end=first_query, seen_from=first_query,
+                marks=None, marks_end=0)
             call.state["longheads"] = state
         elif batch > 1 and state.marks is not None:
             self._follow_reordered_rows(state, key)
@@ -183,7 +188,8 @@ class LongHeads(SparseMethod):
         first_slot = (k_len - tail) % size
         split = min(tail, size - first_slot)
         state.ring[:, :, first_slot:first_slot + split] = query[:, :, q_len - tail:q_len - tail + split]
-        state.ring[:, :, : tail - split] = query[:, :, q_len - tail + split:]
+        if tail > split:
+            state.ring[:, :, : tail - split] = query[:, :, q_len - tail + split:]
         state.ring_end = k_len
         if batch > 1:
             state.marks, state.marks_end = key[:, :, max(k_len - _ROW_MARK_KEYS, 0):].clone(), k_len
@@ -209,7 +215,7 @@ class LongHeads(SparseMethod):
             warn_once("hf_longattn: longheads did not see the queries of some chunks (the layer's state was lost, "
                       "e.g. by a cache rolled back); their representatives use the chunk's keys as queries")
         starts = torch.tensor(state.starts, device=device)
-        per_round = max(1, _ROUND_ELEMENTS // (num_q_heads * size * max(size, dim)))
+        per_round = max(1, _round_elements(device) // (num_q_heads * size * max(size, dim)))
         for i in range(0, len(rows), per_round):
             r, c = rows[i:i + per_round].to(device), chunks[i:i + per_round].to(device)
             pos = (starts[r] + c * size).unsqueeze(-1) + torch.arange(size, device=device)  # [P, L]
@@ -249,7 +255,7 @@ class LongHeads(SparseMethod):
         n_blocks = -(-q_len // block)
         slots = num_chunks - 2 + LOCAL_SLOTS  # far chunks, then the local region
         per_block = heads * slots * size * dim + num_q_heads * block * max(reps.shape[2], dim)
-        per_round = max(1, _ROUND_ELEMENTS // (batch * per_block))
+        per_round = max(1, _round_elements(device) // (batch * per_block))
 
         out = query.new_empty(batch, q_len, num_q_heads, dim) if n_blocks > per_round else None
         for j0 in range(0, n_blocks, per_round):
