@@ -171,6 +171,8 @@ def select_layout_triton(query, reps, row_start, inv_freq, k_len: int, first_blo
     c_pad = triton.next_power_of_2(max(reps.shape[2], 16))
     half_p2 = max(triton.next_power_of_2(dim // 2), 8)
     block_m = max(16, min(block_m, triton.next_power_of_2(block_size_q)))
+    if dim >= 128:  # a query tile and a representative tile of 128-dim rows: smaller tiles, more warps (registers)
+        block_c, num_warps = min(block_c, 32), max(num_warps, 8)
     scores = torch.empty(rows, c_pad, dtype=torch.float32, device=device)
     lse = torch.empty(rows, group * block_size_q, dtype=torch.float32, device=device)
     src = torch.empty(rows, slots, dtype=torch.int32, device=device)
