@@ -3,7 +3,6 @@ method against a brute-force statement of the paper's algorithm, exactness at a 
 state (incremental = prefill, beam search reorders, new sequences) and left padding."""
 
 import itertools
-import math
 import types
 
 import pytest
@@ -397,7 +396,6 @@ def test_context_within_the_cap_runs_dense_attention():
             logits = model(ids, attention_mask=mask).logits
     valid = mask.bool()
     torch.testing.assert_close(logits[valid], reference[valid], **TOL)
-    assert math.isfinite(float(logits.sum()))
 
 
 # --- the eval CLI past the trained context ------------------------------------------------------------------------------
