@@ -102,7 +102,7 @@ class LayerRunner:
         if dense:
             return dense_attention(query, key, value, scale, softcap, kv_start=kv_start, window=sliding_window,
                                    q_offset=q_offset)
-        call = AttentionCall(self.layer_idx, scale, softcap, kv_start, state, q_offset)
+        call = AttentionCall(self.layer_idx, scale, softcap, kv_start, state, q_offset, module=module)
         return self.method.attend(query, key, value, call)
 
     def _sequence_state(self, first_query: int, q_len: int) -> dict:

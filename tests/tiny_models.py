@@ -66,4 +66,5 @@ FULL_BUDGET = {
     "hyper": {"min_seq_len": 1 << 20},
     "dhsa": {"budget": 128, "block_size_q": 8, "block_size_k": 4, "chunk_size": 8, "max_chunk": 16, "sink": 2,
              "window": 4},
+    "longheads": {"chunk_size": 8, "cap": 128, "block_size_q": 4},
 }

@@ -1,12 +1,14 @@
 """`hf-longattn`: the command line.
 
     hf-longattn niah --model smollm2 --methods dense,streaming --lengths 1k,2k,4k --depths 11 --samples 5 --out runs/niah
+    hf-longattn niah --model smollm2 --methods dense,longheads --lengths 8k,16k,32k --out runs/longer   (past 8K trained)
     hf-longattn lm-eval --model hf-longattn --model_args pretrained=smollm2,method=streaming,window=1024 --tasks ...
     hf-longattn longbench-local DATA_DIR --out TASK_DIR   (task YAMLs for LongBench JSONL files you have locally)
     hf-longattn serve --model smollm2 --method hip --port 8000   (OpenAI-style HTTP server: hf_longattn/serving)
 
 Everything that can be wrong with the arguments (a method that does not exist, an option a method does not have, a
-model that cannot be found, a length past the model's context) is reported before the model is loaded.
+model that cannot be found, a length past the model's context without a method that extends it, a method that cannot
+run on the model) is reported before the model is loaded.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--chat-template", choices=["auto", "yes", "no"], default="auto",
                       help="wrap the prompt in the tokenizer's chat template (auto: when it has one)")
     niah.add_argument("--allow-extrapolation", action="store_true",
-                      help="allow lengths beyond the model's max_position_embeddings (its trained context)")
+                      help="allow lengths beyond the model's max_position_embeddings (its trained context) without a "
+                           "method that extends the context (such as longheads, with which they need no flag)")
     niah.add_argument("--dtype", default="auto", help="float32, bfloat16, float16; auto = bfloat16 on GPU, float32 on CPU")
     niah.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ...; auto = cuda when available")
     niah.add_argument("--batch-size", type=int, default=1, help="prompts of one length generated together")
@@ -141,15 +144,45 @@ def max_positions(config) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def check_lengths(lengths: list[int], limit: int | None, allow_extrapolation: bool) -> None:
+def extends_context(method: str) -> bool:
+    """True for a method built to read past the model's trained context (it declares `extends_context`)."""
+    from ..methods import get_method
+
+    return bool(getattr(get_method(method), "extends_context", False))
+
+
+def check_lengths(lengths: list[int], limit: int | None, allow_extrapolation: bool, methods: list[str] = ()) -> None:
+    """Lengths past the trained context run when a method extends the context (the others run beside it for
+    comparison, with a note) or with --allow-extrapolation; otherwise they are an error."""
     beyond = [n for n in lengths if limit and n > limit]
-    if beyond and not allow_extrapolation:
+    if not beyond:
+        return
+    extending = [m for m in methods if extends_context(m)]
+    where = f"lengths {', '.join(map(str, beyond))} are beyond the model's trained context ({limit} tokens)"
+    if extending:
+        others = [m for m in methods if m not in extending]
+        note = f"; {', '.join(others)} run there too, for comparison (usually failing)" if others else ""
+        print(f"hf-longattn: {where}: {', '.join(extending)} extend(s) the context{note}", file=sys.stderr)
+    elif allow_extrapolation:
+        print(f"hf-longattn: {where}: running them because --allow-extrapolation was given", file=sys.stderr)
+    else:
         raise UsageError(
             f"lengths {', '.join(map(str, beyond))} exceed the model's max_position_embeddings ({limit} tokens, its "
-            "trained context); pass --allow-extrapolation to run them anyway (dense attention usually fails there)")
-    if beyond:
-        print(f"hf-longattn: lengths {', '.join(map(str, beyond))} are beyond the model's trained context ({limit} "
-              "tokens): running them because --allow-extrapolation was given", file=sys.stderr)
+            "trained context) and none of the methods extends the context: add one that does (e.g. --methods "
+            "dense,longheads) or pass --allow-extrapolation to run them anyway (dense attention usually fails there)")
+
+
+def check_model_for_methods(config, methods: list[str]) -> None:
+    """A method that cannot run on this model (e.g. longheads on a dynamic-NTK RoPE) says so before loading it."""
+    from ..methods import get_method
+
+    for method in methods:
+        check = getattr(get_method(method), "check_model_config", None)
+        if check is not None:
+            try:
+                check(config)
+            except ValueError as error:
+                raise UsageError(f"--methods {method}: {error}") from None
 
 
 def _depths(text: str):
@@ -180,8 +213,10 @@ def run_niah_command(args) -> int:
         raise UsageError(str(error)) from None
     check_methods(methods, method_args)
     path, gguf_file = resolve_model(args.model, args.gguf_file)
-    limit = max_positions(load_config(path, gguf_file))
-    check_lengths(lengths, limit, args.allow_extrapolation)
+    config = load_config(path, gguf_file)
+    check_model_for_methods(config, methods)
+    limit = max_positions(config)
+    check_lengths(lengths, limit, args.allow_extrapolation, methods)
 
     import torch
 

@@ -8,6 +8,7 @@ from .dense import Dense
 from .dhsa import Dhsa
 from .hip import Hip
 from .hyper import Hyper
+from .longheads import LongHeads
 from .streaming import Streaming
 
 METHODS: dict[str, type[SparseMethod]] = {}
@@ -24,7 +25,7 @@ def get_method(name: str) -> type[SparseMethod]:
     return METHODS[name]
 
 
-for _cls in (Dense, Streaming, Hip, BlockTopK, Hyper, Dhsa):
+for _cls in (Dense, Streaming, Hip, BlockTopK, Dhsa, LongHeads, Hyper):
     register_method(_cls)
 
 __all__ = ["AttentionCall", "SparseMethod", "METHODS", "register_method", "get_method"]

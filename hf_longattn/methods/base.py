@@ -35,6 +35,8 @@ class AttentionCall:
     # the keys arrive cut to the real ones). Only methods with `supports_query_offset` receive a value; the others
     # run exact dense attention there. Read it on the device: no host sync in a compiled graph.
     q_offset: torch.Tensor | None = None
+    # The attention module transformers called (its `config` and `layer_idx` give the layer's RoPE), or None.
+    module: torch.nn.Module | None = None
 
 
 class SparseMethod:

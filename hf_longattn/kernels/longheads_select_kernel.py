@@ -1,0 +1,148 @@
+"""The Triton kernel of LongHeads' chunk selection and layout; longheads_chunks.py holds the description, the PyTorch
+reference (`select_layout_reference`) and the launcher (`select_layout_triton`). One program = one (row, pattern head,
+query block): its geometry, the scores of the candidate chunks (queries turned back by their positions in registers,
+two passes: each query's log-sum-exp over the candidates, then the best probability per chunk over the block's
+queries and heads), the top chunks by repeated argmax, and the slots of the compact key sequence.
+"""
+
+import triton
+import triton.language as tl
+
+from .longheads_gather_kernel import cos_sin
+
+
+@triton.jit
+def _local_queries(Q, q_base, t, p, live, row_start, inv_freq, f, stride_ql, stride_qd, HALF: tl.constexpr,
+                   HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, 2 * HALF_P2]: the queries at rows t (positions p) turned back by (p - row_start), their two halves
+    interleaved (the representatives are read with the same interleaving, so the dot product is unchanged)."""
+    mask = live[:, None] & (f[None, :] < HALF)
+    ptrs = Q + q_base + t[:, None].to(tl.int64) * stride_ql
+    q1 = tl.load(ptrs + f[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
+    q2 = tl.load(ptrs + (f[None, :] + HALF) * stride_qd, mask=mask, other=0.0).to(tl.float32)
+    cos, sin = cos_sin(-(p - row_start).to(tl.float32)[:, None] * inv_freq[None, :])
+    return tl.reshape(tl.join(q1 * cos - q2 * sin, q2 * cos + q1 * sin), [BLOCK_M, 2 * HALF_P2])
+
+
+@triton.jit
+def _rep_tile(REPS, rep_base, c, c_ok, d, stride_rc, stride_rd, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    """[2 * HALF_P2, BLOCK_C]: representatives of chunks c, transposed, in the interleaved layout of the queries."""
+    col = (d % 2) * HALF + d // 2
+    ptrs = REPS + rep_base + c[None, :].to(tl.int64) * stride_rc + col[:, None] * stride_rd
+    return tl.load(ptrs, mask=c_ok[None, :] & (d[:, None] // 2 < HALF), other=0.0)
+
+
+# Lengths change at every decode step: specialising on them would recompile the kernel each time.
+@triton.jit(do_not_specialize=["q_len", "k_len", "first_block", "n_blocks"])
+def select_layout_kernel(
+    Q, REPS, START, INV_FREQ, SCORES, LSE, SRC, DELTA, KV_START, Q_OFFSET,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_rb, stride_rh, stride_rc, stride_rd,
+    q_len, k_len, first_block, n_blocks, num_heads, chunk_size, scale,
+    G: tl.constexpr, BQ: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, C_PAD: tl.constexpr, F_PAD: tl.constexpr, ROWS_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    jb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    row = bh.to(tl.int64) * n_blocks + jb  # [B, H, nQB] order
+    FAR: tl.constexpr = M - 2
+    SLOTS: tl.constexpr = M + 1
+
+    # Geometry (kernels/longheads_chunks.block_geometry).
+    start = tl.load(START + b).to(tl.int32)
+    p0 = k_len - q_len + (first_block + jb) * BQ
+    p1 = tl.minimum(p0 + BQ, k_len) - 1
+    own_first = tl.maximum(p0 - start, 0) // chunk_size
+    own_last = tl.maximum(p1 - start, 0) // chunk_size
+    lo = tl.maximum(own_first - 1, 0)
+    n_select = tl.maximum(M - 1 - (own_last - lo + 1), 0)
+    n_select = tl.where(p1 >= start, n_select, 0)  # a block of padding only selects nothing
+    n_cand = tl.maximum(lo - 1, 0)
+
+    c_all = tl.arange(0, C_PAD)
+    candidate = (c_all >= 1) & (c_all < lo)
+    # (Scalar conditions are broadcast by hand: the interpreter cannot mask with a scalar and a vector.)
+    selected = candidate & (c_all * 0 + n_cand <= n_select)  # every candidate fits: no scoring needed
+    if (n_cand > n_select) & (n_select > 0):
+        f = tl.arange(0, HALF_P2)
+        inv_freq = tl.load(INV_FREQ + f, mask=f < HALF, other=0.0)
+        d = tl.arange(0, 2 * HALF_P2)
+        t_off = tl.arange(0, BLOCK_M)
+        c_off = tl.arange(0, BLOCK_C)
+        lse_base = LSE + row * ROWS_PAD
+        score_base = SCORES + row * C_PAD
+        # Pass 1: each live query's log-sum-exp over the candidates.
+        for g in range(G):
+            q_base = b.to(tl.int64) * stride_qb + (h * G + g).to(tl.int64) * stride_qh
+            rep_base = b.to(tl.int64) * stride_rb + (h * G + g).to(tl.int64) * stride_rh
+            for t0 in range(0, BQ, BLOCK_M):
+                t = t0 + t_off
+                p = p0 + t
+                live = (t < BQ) & (p >= start) & (p < k_len)
+                q = _local_queries(Q, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
+                                   stride_qd, HALF, HALF_P2, BLOCK_M)
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
+                for c0 in range(1, lo, BLOCK_C):
+                    c = c0 + c_off
+                    reps = _rep_tile(REPS, rep_base, c, c < lo, d, stride_rc, stride_rd, HALF, HALF_P2)
+                    s = scale * tl.dot(q, reps, input_precision=PRECISION)
+                    s = tl.where((c < lo)[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+                    m_i = m_new
+                tl.store(lse_base + g * BQ + t, tl.where(live, m_i + tl.log(l_i), float("inf")), mask=t < BQ)
+        tl.debug_barrier()
+        # Pass 2: per candidate chunk, the best log-probability over the block's live queries and heads.
+        for c0 in range(1, lo, BLOCK_C):
+            c = c0 + c_off
+            best = tl.full([BLOCK_C], float("-inf"), tl.float32)
+            for g in range(G):
+                q_base = b.to(tl.int64) * stride_qb + (h * G + g).to(tl.int64) * stride_qh
+                rep_base = b.to(tl.int64) * stride_rb + (h * G + g).to(tl.int64) * stride_rh
+                reps = _rep_tile(REPS, rep_base, c, c < lo, d, stride_rc, stride_rd, HALF, HALF_P2)
+                for t0 in range(0, BQ, BLOCK_M):
+                    t = t0 + t_off
+                    p = p0 + t
+                    live = (t < BQ) & (p >= start) & (p < k_len)
+                    q = _local_queries(Q, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
+                                       stride_qd, HALF, HALF_P2, BLOCK_M)
+                    lse = tl.load(lse_base + g * BQ + t, mask=t < BQ, other=float("inf"))
+                    s = scale * tl.dot(q, reps, input_precision=PRECISION) - lse[:, None]
+                    s = tl.where(live[:, None], s, float("-inf"))
+                    best = tl.maximum(best, tl.max(s, axis=0))
+            tl.store(score_base + c, best, mask=c < lo)
+        tl.debug_barrier()
+        # Top n_select by repeated argmax (scores of non-candidates are -inf and never chosen).
+        x = tl.load(score_base + c_all, mask=candidate, other=float("-inf"))
+        for _ in range(n_select):
+            top = tl.max(x, axis=0)
+            pick = tl.min(tl.where(x == top, c_all, C_PAD), axis=0)  # the lowest chunk among equal scores
+            take = (c_all == pick) & (c_all * 0.0 + top > float("-inf"))
+            selected = selected | take
+            x = tl.where(take, float("-inf"), x)
+
+    # Layout (kernels/longheads_chunks.chunk_layout): far chunks right-aligned in the first M - 2 slots.
+    has_first = (lo >= 1).to(tl.int32)
+    n_far = has_first + tl.sum(selected.to(tl.int32), axis=0)
+    local_start = start + lo * chunk_size
+    out = row * SLOTS
+    rank = tl.cumsum(selected.to(tl.int32), axis=0) - 1
+    slot_c = FAR - n_far + has_first + rank
+    src_c = start + c_all * chunk_size
+    tl.store(SRC + out + slot_c, src_c, mask=selected)
+    tl.store(DELTA + out + slot_c, local_start + (slot_c - FAR) * chunk_size - src_c, mask=selected)
+    slot_f = tl.arange(0, F_PAD)
+    unused = slot_f < FAR - n_far
+    first_here = (slot_f == FAR - n_far) & (slot_f * 0 + has_first > 0)
+    tl.store(SRC + out + slot_f, tl.where(unused, -1, start), mask=unused | first_here)
+    tl.store(DELTA + out + slot_f, tl.where(unused, 0, local_start - n_far * chunk_size - start),
+             mask=unused | first_here)
+    u = tl.arange(0, 4)
+    local = lo + u
+    tl.store(SRC + out + FAR + u, tl.where(local <= own_last, start + local * chunk_size, -1), mask=u < 3)
+    tl.store(DELTA + out + FAR + u, tl.zeros_like(u), mask=u < 3)
+    tl.store(KV_START + row, (FAR - n_far) * chunk_size)
+    tl.store(Q_OFFSET + row, FAR * chunk_size + p0 - local_start)
