@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported (the kernels import it lazily)
@@ -339,7 +340,8 @@ def test_last_layers_policy():
     method = Hyper(HyperConfig(last_layers="half"))
     def patched_layers(choice, num_layers=30):
         method.config.last_layers = choice
-        calls = [SimpleNamespace(layer_idx=i, num_layers=num_layers) for i in range(num_layers)]
+        module = SimpleNamespace(config=LlamaConfig(num_hidden_layers=num_layers))
+        calls = [SimpleNamespace(layer_idx=i, module=module) for i in range(num_layers)]
         return [call.layer_idx for call in calls if method.patches_layer(call)]
     assert patched_layers("half") == list(range(15, 30))
     assert patched_layers("all") == list(range(30))
@@ -350,7 +352,7 @@ def test_last_layers_policy():
 def test_without_a_layer_count_every_layer_is_patched_with_a_warning(caplog, monkeypatch):
     monkeypatch.setattr("hf_longattn.attention._warned", set())
     with caplog.at_level("WARNING", logger="hf_longattn"):
-        assert Hyper(HyperConfig()).patches_layer(SimpleNamespace(layer_idx=0))
+        assert Hyper(HyperConfig()).patches_layer(SimpleNamespace(layer_idx=0, module=None))
     assert "patches every layer" in caplog.text
 
 

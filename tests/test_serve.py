@@ -306,3 +306,18 @@ def test_the_package_and_its_command_line_import_no_server_library():
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_the_context_limit_is_the_trained_one_unless_the_method_reads_past_it():
+    from hf_longattn import patch_model, unpatch_model
+    from hf_longattn.serving.engine import context_limit
+    from tiny_models import make_model
+
+    model = make_model("llama")
+    trained = model.config.max_position_embeddings
+    assert context_limit(model) == trained
+    patch_model(model, method="hip")
+    assert context_limit(model) == trained
+    unpatch_model(model)
+    patch_model(model, method="longheads")
+    assert context_limit(model) is None

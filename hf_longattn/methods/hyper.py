@@ -130,12 +130,13 @@ class Hyper(SparseMethod):
         choice = self.config.last_layers
         if choice == "all":
             return True
-        num_layers = getattr(call, "num_layers", None)
+        config = getattr(call.module, "config", None)
+        num_layers = getattr(config.get_text_config() if config is not None else None, "num_hidden_layers", None)
         if num_layers is None:
             from ..attention import warn_once  # attention.py imports the methods
 
-            warn_once("hf_longattn: hyper cannot tell how many layers the model has (AttentionCall has no "
-                      f"num_layers), so last_layers={choice!r} patches every layer")
+            warn_once("hf_longattn: hyper cannot tell how many layers the model has (the attention module has no "
+                      f"config), so last_layers={choice!r} patches every layer")
             return True
         count = num_layers // 2 if choice == "half" else choice
         return call.layer_idx >= num_layers - count

@@ -126,7 +126,7 @@ def default_cap(config, chunk_size: int) -> int:
 class LongHeads(SparseMethod):
     name = "longheads"
     Config = LongHeadsConfig
-    # Runs past the model's trained context by design (the eval CLI reads this).
+    # Runs past the model's trained context by design (the eval CLI and the server's context limit read this).
     extends_context = True
 
     def __init__(self, config: LongHeadsConfig):

@@ -30,18 +30,16 @@ class BadRequest(ValueError):
 
 def context_limit(model) -> int | None:
     """Most tokens (prompt + completion) one sequence may hold: the model's trained context (max_position_embeddings),
-    unless the patched method declares what it can read: a method that extends the context (LongHeads) defines
-    `max_context(trained: int | None) -> int | None` (None: no limit)."""
+    or no limit when the patched method reads past it by design (it declares `extends_context`, as LongHeads does)."""
     from ..eval.cli import max_positions
     from ..models import decoder_attention_modules
     from ..patch import is_patched
 
     trained = max_positions(model.config)
-    if not is_patched(model):
-        return trained
-    method = decoder_attention_modules(model)[0].hf_longattn_runner.method
-    declared = getattr(method, "max_context", None)
-    return declared(trained) if declared is not None else trained
+    if is_patched(model) and getattr(decoder_attention_modules(model)[0].hf_longattn_runner.method,
+                                     "extends_context", False):
+        return None
+    return trained
 
 
 @dataclass
