@@ -37,9 +37,11 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig
 
 from hf_longattn import available_methods, patch_model, sparse_attention, unpatch_model
 from hf_longattn.eval.options import parse_lengths
@@ -169,7 +171,13 @@ class LayerInputs:
                        for i in range(steps)]
 
     def call(self, state: dict) -> AttentionCall:
-        return AttentionCall(layer_idx=0, scale=self.scale, softcap=None, kv_start=None, state=state)
+        # The layer sits last in a 32-layer Llama-3-8B-like model (8K trained, its RoPE): a method that reads the
+        # model's config (LongHeads' RoPE, HyperAttention's last-layers policy) runs on it.
+        config = LlamaConfig(hidden_size=self.q_heads * self.head_dim, num_attention_heads=self.q_heads,
+                             num_key_value_heads=self.kv_heads, num_hidden_layers=32, max_position_embeddings=8192,
+                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+        return AttentionCall(layer_idx=31, scale=self.scale, softcap=None, kv_start=None, state=state,
+                             module=SimpleNamespace(config=config, layer_idx=31))
 
     def dense_flop(self) -> float:
         return 4 * self.head_dim * self.q_heads * self.context * (self.context + 1) / 2

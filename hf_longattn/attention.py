@@ -99,6 +99,12 @@ class LayerRunner:
                 "dense attention"
             )
             dense = True
+        if not dense and traced and kv_start is not None and not self.method.traces_padded_rows:
+            warn_once(
+                f"hf_longattn: '{self.method.name}' reads the rows' padding on the host, which torch.compile cannot "
+                "trace; compiled calls on a padded batch run exact dense attention (eager calls use the method)"
+            )
+            dense = True
         if dense:
             return dense_attention(query, key, value, scale, softcap, kv_start=kv_start, window=sliding_window,
                                    q_offset=q_offset)

@@ -91,6 +91,7 @@ def test_gray_rank_orders_patterns_so_that_neighbours_differ_in_one_bit(bits):
 def test_lsh_puts_close_vectors_together_and_is_seeded_per_layer():
     base = torch.randn(1, 64, generator=torch.Generator().manual_seed(3))
     planes = lsh_projections(seed=0, layer_idx=5, head_dim=64, bits=7)
+    assert abs(planes.mean()) < 0.15 and abs(planes.std() - 1) < 0.15  # standard normal draws (448 of them)
     near = base + 1e-4 * torch.randn(20, 64, generator=torch.Generator().manual_seed(4))
     assert lsh_buckets(near, planes).unique().tolist() == lsh_buckets(base, planes).tolist()
     assert lsh_buckets(-base, planes).item() != lsh_buckets(base, planes).item()  # opposite: every sign flips

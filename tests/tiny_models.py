@@ -63,7 +63,9 @@ FULL_BUDGET = {
     "blocktopk": {"k": 256, "block_size_q": 8, "block_size_k": 8, "sink": 2, "window": 4},
     "hip": {"k": 128, "block_size_q": 8, "block_size_k": 2, "query_stride": 2, "sink": 2, "window": 4,
             "refresh_interval": 1},
-    "hyper": {"min_seq_len": 1 << 20},
+    # Leaves of 16-31 tokens, blocks of 8 and every key sampled: the recursion, the sorted blocks and the residual
+    # all run, and together they are exact.
+    "hyper": {"min_seq_len": 16, "block_size": 8, "sink": 0, "sample_size": 1 << 20, "last_layers": "all"},
     "dhsa": {"budget": 128, "block_size_q": 8, "block_size_k": 4, "chunk_size": 8, "max_chunk": 16, "sink": 2,
              "window": 4},
     "longheads": {"chunk_size": 8, "cap": 128, "block_size_q": 4},

@@ -7,12 +7,14 @@ block of the sorted order spans similar vectors: buckets are ordered by their ra
 pattern x to the Gray *code* of x instead of its rank in the Gray sequence; for 3 bits and more that puts patterns
 that differ in two bits next to each other (its order for 3 bits is 0, 1, 3, 2, 7, 6, 4, 5: 2 -> 7 flips two bits).
 
-All randomness is a function of (seed, layer, ...): the projections come from a CPU generator (the same on every
-device), the sampled columns from a counter-based integer hash (`counter_hash`), so nothing depends on global RNG
-state or on how many draws came before.
+All randomness is a function of (seed, layer, ...) through a counter-based integer hash (`counter_hash`): the
+projections (Box-Muller on hashed uniforms) and the sampled columns are the same on every device, nothing depends on
+global RNG state or on how many draws came before, and torch.compile traces it (a torch.Generator it cannot).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -21,8 +23,9 @@ _MASK32 = 0xFFFFFFFF
 
 def lsh_projections(seed: int, layer_idx: int, head_dim: int, bits: int) -> torch.Tensor:
     """[head_dim, bits] Gaussian hyperplanes of one layer (float32, CPU), the same for queries and keys."""
-    generator = torch.Generator().manual_seed(int(counter_hash(seed, layer_idx, 0x15A)))
-    return torch.randn(head_dim, bits, generator=generator)
+    draw = torch.arange(2 * head_dim * bits).view(2, head_dim, bits)
+    uniform = (counter_hash(seed, layer_idx, 0x15A, draw).double() + 0.5) / 2**32  # in (0, 1)
+    return ((-2 * uniform[0].log()).sqrt() * torch.cos(2 * math.pi * uniform[1])).float()
 
 
 def gray_rank(code: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,9 @@ class SparseMethod:
     # True when select()/attend() honour AttentionCall.q_offset (sizes from the key tensor, positions from q_offset,
     # no host sync), so that they run in a compiled static-cache decode step.
     supports_query_offset: ClassVar[bool] = False
+    # False when the selection reads row starts (left padding) on the host, which torch.compile cannot trace: a
+    # compiled call with a padding mask then runs exact dense attention, with one warning.
+    traces_padded_rows: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -108,6 +108,7 @@ class DhsaConfig(MethodConfig):
 
 class Dhsa(SparseMethod):
     name = "dhsa"
+    traces_padded_rows = False  # row starts are read on the host (see SparseMethod)
     Config = DhsaConfig
 
     def __init__(self, config: DhsaConfig):
