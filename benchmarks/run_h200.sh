@@ -20,7 +20,7 @@ site=/tmp/site
 work=/tmp/results
 mkdir -p "$out" $work
 export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-smol() { python3 -m hf_longattn.eval niah --model smollm2 --model-name SmolLM2-135M-Instruct --dtype float32 --quiet "$@"; }
+smol="python3 -m hf_longattn.eval niah --model smollm2 --model-name SmolLM2-135M-Instruct --dtype float32 --quiet"
 
 case $stage in
 stage)
@@ -36,9 +36,9 @@ quality)
   timeout 560 python3 -m benchmarks.run --parts quality --quality-lengths 2k,4k,8k --passkey-prompts 55 \
     --batch-size 11 --out $work/methods_quality > $work/methods_quality.log 2>&1 &
   # LongHeads past SmolLM2's trained 8K, dense on the very same prompts; 64K for LongHeads alone.
-  timeout 560 smol --methods dense,longheads --lengths 8k,16k,32k --depths 11 --samples 5 --batch-size 11 \
+  timeout 560 $smol --methods dense,longheads --lengths 8k,16k,32k --depths 11 --samples 5 --batch-size 11 \
     --out $work/niah_longheads > $work/niah_longheads.log 2>&1 &
-  timeout 560 smol --methods longheads --lengths 64k --depths 11 --samples 5 --batch-size 5 \
+  timeout 560 $smol --methods longheads --lengths 64k --depths 11 --samples 3 --batch-size 11 \
     --out $work/niah_longheads_64k > $work/niah_longheads_64k.log 2>&1 &
   # HyperAttention's perplexity: the default (last half of the layers) and every layer.
   timeout 560 python3 -m hf_longattn.eval.perplexity --model smollm2 --dtype float32 --lengths 4096 8192 \
