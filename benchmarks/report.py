@@ -126,7 +126,7 @@ def e2e_table(record: dict) -> str:
 
 
 def quality_table(record: dict) -> str:
-    lengths = sorted({r["length"] for r in record["quality"]})
+    lengths = sorted({r["length"] for r in record["quality"] if "length" in r})  # error rows have none
     names = list(dict.fromkeys(r["name"] for r in record["quality"]))
     header = ["method"] + [f"passkey {_k(n)}" for n in lengths] + [f"recall {_k(n)}" for n in lengths]
     rows = []

