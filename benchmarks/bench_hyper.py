@@ -17,32 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import environment, markdown_table, time_ms, write_result
 from hf_longattn.kernels.hyper_layout import causal_tree, level_geometry, level_layout
 from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.hyper import Hyper, HyperConfig
 
 HEADS, KV_HEADS, DIM = 32, 8, 128
 STAGES = ("hash", "sort", "gather", "leaves", "block_diagonal", "residual", "merge")
-
-
-def time_ms(fn) -> float:
-    """Milliseconds of one fn() call: triton's do_bench on a GPU, one wall-clock call (after a warm-up) on a CPU."""
-    if torch.cuda.is_available():
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    fn()
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
 
 
 def dense_ms(q, k, v) -> float:
@@ -96,14 +83,13 @@ def bench_context(context: int, options: dict, device: str, dtype) -> dict:
 def markdown(record: dict) -> str:
     header = ["context", "dense (cuDNN) ms", "hyper ms", "speedup", *[f"{s} ms" for s in STAGES], "stages sum ms",
               "hash+sort+gather share"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in record["rows"]:
-        stages = [f"{row['stages_ms'][s]:.2f}" if s in row["stages_ms"] else "-" for s in STAGES]
-        lines.append(f"| {row['context']} | {row['dense_ms']:.2f} | {row['hyper_ms']:.2f} | "
-                     f"{row['speedup_vs_dense']:.2f}x | " + " | ".join(stages) +
-                     f" | {row['stages_sum_ms']:.2f} | {row['hash_and_sort_share']:.0%} |")
-    return (f"{record['device']}, {record['dtype']}, batch 1, {HEADS} query / {KV_HEADS} kv heads, head_dim {DIM}, "
-            f"options {json.dumps(record['options'])}; `{record['command']}`\n\n" + "\n".join(lines) + "\n")
+    rows = [[row["context"], f"{row['dense_ms']:.2f}", f"{row['hyper_ms']:.2f}", f"{row['speedup_vs_dense']:.2f}x",
+             *[f"{row['stages_ms'][s]:.2f}" if s in row["stages_ms"] else "-" for s in STAGES],
+             f"{row['stages_sum_ms']:.2f}", f"{row['hash_and_sort_share']:.0%}"] for row in record["rows"]]
+    env = record["environment"]
+    return (f"{env['device']}, {record['dtype']}, batch 1, {HEADS} query / {KV_HEADS} kv heads, head_dim {DIM}, "
+            f"options {json.dumps(record['options'])}; {env['date']}, `{env['command']}`\n\n"
+            + markdown_table(header, rows) + "\n")
 
 
 def main(argv=None) -> int:
@@ -118,17 +104,11 @@ def main(argv=None) -> int:
                if getattr(args, name) is not None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    record = {"device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()}), not a "
-              "performance figure", "dtype": str(dtype), "torch": torch.__version__, "options": options,
-              "command": "python benchmarks/bench_hyper.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "rows": []}
+    record = {"environment": environment(None if argv is None else [__file__, *argv]), "dtype": str(dtype), "options": options, "rows": []}
     for context in args.contexts:
         record["rows"].append(bench_context(context, options, device, dtype))
         print(json.dumps(record["rows"][-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "hyper_bench.json").write_text(json.dumps(record, indent=1))
-    (out / "hyper_bench.md").write_text(markdown(record))
+    write_result(Path(args.out), "hyper_bench", record, markdown(record))
     print(markdown(record))
     return 0
 
