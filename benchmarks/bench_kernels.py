@@ -122,7 +122,7 @@ def tflops(flop, ms):
 
 
 def sdpa_dense(q, k_rep, v_rep, backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     def run():
         with sdpa_kernel(backend):

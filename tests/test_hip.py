@@ -16,7 +16,7 @@ from hf_longattn.kernels import dense_attention
 from hf_longattn.kernels.hip_mask import candidate_block_range, hip_mask_reference, hip_mask_triton
 from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.blocktopk import BlockTopK, BlockTopKConfig
-from hf_longattn.methods.hip import HIP_PRESETS, Hip, HipConfig
+from hf_longattn.methods.hip import Hip, HipConfig
 from tiny_models import assert_prefill_matches_unpatched, make_model, random_batch
 
 TOL = dict(atol=2e-5, rtol=1e-4)
