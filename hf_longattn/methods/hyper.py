@@ -97,6 +97,9 @@ class HyperConfig(MethodConfig):
 class Hyper(SparseMethod):
     name = "hyper"
     Config = HyperConfig
+    # Calls whose queries sit inside a static cache's buffer (a compiled decode step) run exact dense attention, as
+    # every decode step of this method does.
+    supports_query_offset = True
 
     def __init__(self, config: HyperConfig):
         super().__init__(config)
@@ -107,8 +110,10 @@ class Hyper(SparseMethod):
         q_len, k_len = query.shape[2], key.shape[2]
         q_start = k_len - q_len
         tree = causal_tree(k_len, c.min_seq_len, c.block_size)
-        if not tree.levels or q_len < c.block_size or q_start % c.block_size or not self.patches_layer(call):
-            return dense_attention(query, key, value, call.scale, call.softcap, kv_start=call.kv_start)
+        if (not tree.levels or q_len < c.block_size or q_start % c.block_size or call.q_offset is not None
+                or not self.patches_layer(call)):
+            return dense_attention(query, key, value, call.scale, call.softcap, kv_start=call.kv_start,
+                                   q_offset=call.q_offset)
 
         q_buckets, k_buckets = self.buckets(query, key, call.layer_idx)
         out, lse = self.leaves(query, key, value, tree, call)  # the running result, updated in place per level
