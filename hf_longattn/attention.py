@@ -99,10 +99,12 @@ class LayerRunner:
                 "dense attention"
             )
             dense = True
-        if not dense and traced and kv_start is not None and not self.method.traces_padded_rows:
+        padded_rows_untraceable = kv_start is not None and not self.method.traces_padded_rows
+        if not dense and traced and (padded_rows_untraceable or not self.method.traceable):
             warn_once(
-                f"hf_longattn: '{self.method.name}' reads the rows' padding on the host, which torch.compile cannot "
-                "trace; compiled calls on a padded batch run exact dense attention (eager calls use the method)"
+                f"hf_longattn: '{self.method.name}' reads tensors on the host, which torch.compile cannot trace; "
+                f"compiled calls{' on a padded batch' if self.method.traceable else ''} run exact dense attention "
+                "(eager calls use the method)"
             )
             dense = True
         if dense:

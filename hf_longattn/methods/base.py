@@ -45,8 +45,11 @@ class SparseMethod:
     # True when select()/attend() honour AttentionCall.q_offset (sizes from the key tensor, positions from q_offset,
     # no host sync), so that they run in a compiled static-cache decode step.
     supports_query_offset: ClassVar[bool] = False
-    # False when the selection reads row starts (left padding) on the host, which torch.compile cannot trace: a
-    # compiled call with a padding mask then runs exact dense attention, with one warning.
+    # False when the method cannot run inside a torch.compile graph (it reads tensors on the host for its shapes or
+    # keeps host-side state across calls); compiled calls then run exact dense attention, with one warning.
+    traceable: ClassVar[bool] = True
+    # False when only a padded batch needs such a host read (each row's first real key): compiled calls with a padding
+    # mask then run exact dense attention, with one warning.
     traces_padded_rows: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):

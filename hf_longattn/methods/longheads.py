@@ -125,7 +125,7 @@ def default_cap(config, chunk_size: int) -> int:
 
 class LongHeads(SparseMethod):
     name = "longheads"
-    traces_padded_rows = False  # row starts are read on the host (see SparseMethod)
+    traceable = False  # per-sequence state and row starts live on the host (see SparseMethod)
     Config = LongHeadsConfig
     # Runs past the model's trained context by design (the eval CLI and the server's context limit read this).
     extends_context = True
