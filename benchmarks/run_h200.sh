@@ -7,7 +7,7 @@
 #   stage    copy the first half of SmolLM2's GGUF (carry .m/a) to /tmp/m/a
 #   quality  (carry .m/b and .whl) join the GGUF, install the wheels (gguf, needlehaystack, the server's), then side by
 #            side: passkey + recall for every method at 2K-8K, LongHeads past the trained context (16K-64K) beside
-#            dense, HyperAttention's perplexity at 4K/8K, and the GPU tests
+#            dense, HyperAttention's perplexity at 4K/8K, and the GPU and kernel tests
 #   timing   alone on the GPU: every method against dense, single layer (8K-128K) and end to end (32K, 128K)
 #   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config), HiP's decode and
 #            prefill breakdown, the server under load
@@ -54,7 +54,12 @@ quality)
     --max-windows 24 --batch-size 1 \
     --runs '{"hyper": {"method": "hyper"}, "hyper-all": {"method": "hyper", "last_layers": "all"}}' \
     --out $work/hyper_perplexity > $work/hyper_perplexity.log 2>&1 &
+  # The GPU tests, and the kernel-vs-reference tests that run on CUDA when there is one (interpreted on a CPU).
+  timeout $limit python3 -m pytest -q -p no:cacheprovider tests -m gpu > $work/pytest_gpu.log 2>&1 &
+  timeout $limit python3 -m pytest -q -p no:cacheprovider tests -k "kernel_matches or triton" \
+    > $work/pytest_kernels.log 2>&1 &
   wait
+  tail -n 3 $work/pytest_*.log
   for f in $work/niah_*.log $work/dhsa_recall.log $work/hyper_perplexity.log; do echo "== $f"; tail -n 8 $f; done
   ;;
 timing)  # further arguments go to benchmarks.run after these (the later value of an option wins)
