@@ -51,6 +51,7 @@ from hf_longattn.methods import AttentionCall, get_method
 from . import report
 from .timing import environment, on_gpu, peak_bytes, time_generate, time_ms, write_result
 
+LAST_LAYER = 31  # the layer benchmark's layer index in its 32-layer model
 LAYER_SHAPES = {"llama-3-8b": (32, 8, 128), "tiny": (4, 2, 32)}  # (query heads, kv heads, head_dim)
 MODEL_CONFIGS = {
     "llama-3.1-8b": dict(
@@ -169,15 +170,17 @@ class LayerInputs:
         self.step_queries = [randn(1, q_heads, 1, head_dim) for _ in range(steps)]
         self.caches = [(torch.cat([self.k, new_k[:, :, :i + 1]], 2), torch.cat([self.v, new_v[:, :, :i + 1]], 2))
                        for i in range(steps)]
+        # The layer sits last in a 32-layer Llama-3-8B-like model (8K trained, its RoPE): a method that reads the
+        # model's config (LongHeads' RoPE, HyperAttention's last-layers policy) runs on it. Built once: `call` runs
+        # inside the timed steps, and a config costs a few hundred microseconds to build.
+        config = LlamaConfig(hidden_size=q_heads * head_dim, num_attention_heads=q_heads, num_key_value_heads=kv_heads,
+                             num_hidden_layers=LAST_LAYER + 1, max_position_embeddings=8192,
+                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+        self.module = SimpleNamespace(config=config, layer_idx=LAST_LAYER)
 
     def call(self, state: dict) -> AttentionCall:
-        # The layer sits last in a 32-layer Llama-3-8B-like model (8K trained, its RoPE): a method that reads the
-        # model's config (LongHeads' RoPE, HyperAttention's last-layers policy) runs on it.
-        config = LlamaConfig(hidden_size=self.q_heads * self.head_dim, num_attention_heads=self.q_heads,
-                             num_key_value_heads=self.kv_heads, num_hidden_layers=32, max_position_embeddings=8192,
-                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-        return AttentionCall(layer_idx=31, scale=self.scale, softcap=None, kv_start=None, state=state,
-                             module=SimpleNamespace(config=config, layer_idx=31))
+        return AttentionCall(layer_idx=LAST_LAYER, scale=self.scale, softcap=None, kv_start=None, state=state,
+                             module=self.module)
 
     def dense_flop(self) -> float:
         return 4 * self.head_dim * self.q_heads * self.context * (self.context + 1) / 2
