@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 # Score elements per chunk of the softcap path (B x Hq x chunk x Lk).
+# Scores a masked dense call may hold at once (float32: 1 GiB).
+_MAX_MASKED_SCORES = 1 << 28
 _MAX_SCORE_ELEMENTS = 1 << 26
 
 
@@ -72,15 +74,25 @@ def dense_attention(
         else:
             mask = visibility_mask(q_len, k_len, kv_start, window, query.device, q_offset=q_offset)
     grouped = query.shape[1] != key.shape[1]
-    if grouped and mask is not None and query.is_cuda:
-        # SDPA's CUDA kernels take a mask or enable_gqa, not both: together they fall back to the math path, which
-        # materialises every head's Lq x Lk scores (99 GiB for 11 rows of 32K). Repeated kv heads cost far less.
+    if grouped and query.is_cuda and (mask is not None or query.dtype == torch.float32):
+        # SDPA's CUDA kernels with enable_gqa (flash) take neither a mask nor float32: either falls back to the math
+        # path, which materialises every head's Lq x Lk scores (99 GiB for 11 float32 rows of 16K on SmolLM2).
+        # Repeated kv heads let the memory-efficient kernel run instead.
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         grouped = False
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=grouped,
-    )
+    if mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale, enable_gqa=grouped)
+        return out.transpose(1, 2)
+    # With a mask, SDPA may take its math path, whose scores for every head and row exist at once (99 GiB for 11
+    # float32 rows of 16K on SmolLM2): run the query rows in chunks of bounded scores instead (rows are independent).
+    rows = max(1, _MAX_MASKED_SCORES // (query.shape[0] * query.shape[1] * k_len))
+    chunks = [
+        F.scaled_dot_product_attention(query[:, :, i:i + rows], key, value, scale=scale, enable_gqa=grouped,
+                                       attn_mask=mask[:, :, i:i + rows] if mask.shape[2] > 1 else mask)
+        for i in range(0, q_len, rows)
+    ]
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
     return _zero_rows_without_keys(out, mask).transpose(1, 2)
 
 
