@@ -253,3 +253,37 @@ def test_gpu_decode_realistic(q_len):
     pattern = random_pattern(2, 8, q_len, 32768, 128, 128, 16, sink=128, window=1920)
     assert_matches_reference(q, k, v, pattern, tol=dict(atol=2e-2, rtol=2e-2),
                              kv_start=torch.tensor([0, 5000], device=DEVICE))
+
+
+def test_masked_dense_attention_in_query_chunks_is_the_same(monkeypatch):
+    """A masked dense call whose scores would be large runs its query rows in chunks: the same output."""
+    from hf_longattn.kernels import dense as dense_module
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 300, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    kv_start = torch.tensor([0, 37])
+    whole = dense_attention(q, k, v, kv_start=kv_start)
+    monkeypatch.setattr(dense_module, "_MAX_MASKED_SCORES", 2 * 4 * 300 * 7)  # chunks of 7 query rows
+    torch.testing.assert_close(dense_attention(q, k, v, kv_start=kv_start), whole, **FP32_TOL)
+    padded_row = whole[1, :37]
+    assert torch.count_nonzero(padded_row) == 0  # padding queries see no key: zeros, as the sparse kernels give
+
+
+def test_custom_op_keeps_no_scratch_between_calls():
+    """Under torch.compile the kernels run inside the custom op, whose scratch must be its own call's: torch.compile's
+    CUDA graphs own what their calls allocate and refuse to run when such a tensor outlives the call (a static cache
+    under compile failed that way on an H200). An eager call keeps its scratch for the next one."""
+    from hf_longattn.kernels import workspace
+    from hf_longattn.kernels.ops import sparse_attention_op
+    from hf_longattn.kernels.triton_decode import sparse_decode
+
+    q, k, v = qkv(1, 4, 2, 1, 100, 16)
+    pattern = random_pattern(1, 2, 1, 100, 16, 16, 4, sink=4, window=20)
+    workspace._KEPT.clear()
+    out, _ = sparse_attention_op(q, k, v, pattern.block_indices, pattern.block_counts, None, None, 16, 16, 4, 20,
+                                 0.25, None, "triton")
+    assert not workspace._KEPT
+    expected, _ = sparse_attention_reference(q, k, v, pattern, scale=0.25, return_lse=True)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
+    sparse_decode(q, k, v, pattern, 0.25, None, None, config=dict(BLOCK_N=16, splits=3))
+    assert any(name == "decode partials" for _, name in workspace._KEPT)

@@ -45,7 +45,7 @@ import torch
 from .dense import attention_logits
 from .ops import HAS_TRITON, on_device
 from .pattern import SparsePattern, query_block_ranges
-from .workspace import arrival_counters, kept
+from .workspace import arrival_counters, kept, per_call
 
 # Score of a (query, key) pair that causality hides: finite, so that a half that only such pairs reach still ranks
 # above an empty half (-inf). The kernel spells the same value as a literal.
@@ -413,10 +413,11 @@ def _hip_mask_op(
     block_size_q: int, block_size_k: int, query_stride: int, sink: int, window: int, shared_kv_heads: bool,
     score: str, scale: float | None, softcap: float | None, slices: int, oversample: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    pattern = _search_eager(
-        query, key, k=k, block_size_q=block_size_q, block_size_k=block_size_k, query_stride=query_stride, sink=sink,
-        window=window, shared_kv_heads=shared_kv_heads, kv_start=kv_start, score=score, scale=scale, softcap=softcap,
-        q_offset=q_offset, slices=slices, oversample=oversample)
+    with per_call():
+        pattern = _search_eager(
+            query, key, k=k, block_size_q=block_size_q, block_size_k=block_size_k, query_stride=query_stride,
+            sink=sink, window=window, shared_kv_heads=shared_kv_heads, kv_start=kv_start, score=score, scale=scale,
+            softcap=softcap, q_offset=q_offset, slices=slices, oversample=oversample)
     return pattern.block_indices, pattern.block_counts
 
 

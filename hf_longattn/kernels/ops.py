@@ -16,6 +16,7 @@ import torch
 
 from .pattern import SparsePattern
 from .reference import sparse_attention_reference
+from .workspace import per_call
 
 BACKENDS = ("auto", "triton", "reference")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -105,7 +106,8 @@ def sparse_attention_op(
     scale: float, softcap: float | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     pattern = SparsePattern(block_indices, block_counts, block_size_q, block_size_k, sink_tokens, window_tokens)
-    out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset)
+    with per_call():
+        out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset)
     return out.contiguous(), lse.contiguous()
 
 
