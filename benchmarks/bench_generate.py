@@ -3,7 +3,7 @@ sparse methods, with the dynamic cache (eager, what plain generate() does) and w
 transformers compiles (torch.compile, CUDA graphs) on the GPU.
 
 One generate() per (method, cache, length) gives both numbers: a logits processor stamps every step (after a device
-sync), so the prefill is the time to the first stamp and the decode time per token the mean gap between the later
+sync), so the prefill is the time to the first stamp and the decode time per token the median gap between the later
 ones. Before the timed runs each (method, cache) generates once at --warmup-length: Triton's and torch.compile's
 first-call compilation, reported as "first call". The static cache is sized once for the longest length, so the
 compiled decode step serves every length.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,8 +77,10 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int, cache) -> dict:
                    logits_processor=LogitsProcessorList([clock]), **({} if cache is None else {"past_key_values": cache}))
     torch.cuda.synchronize()
     stamps = clock.stamps
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"call_s": time.perf_counter() - start, "prefill_ms": 1e3 * (stamps[0] - start),
-            "decode_ms_per_token": 1e3 * (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)}
+            "decode_ms_per_token": 1e3 * statistics.median(gaps) if gaps else float("nan"),
+            "decode_max_ms": 1e3 * max(gaps) if gaps else float("nan")}
 
 
 def markdown(report: dict) -> str:

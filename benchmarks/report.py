@@ -168,7 +168,10 @@ def markdown(record: dict) -> str:
         lines += ["## End to end", "",
                   f"A random-weight Llama with {model.get('config', '?')}'s config in bf16 "
                   f"({_f(model.get('weights_gib'), 1)} GiB of weights), `generate()` batch 1, greedy, "
-                  f"{settings['new_tokens']} decode tokens timed after the first; dense = the unpatched model (SDPA). "
+                  f"{settings['new_tokens']} decode tokens timed after the first (decode: the median interval between "
+                  "tokens); dense = the unpatched model (SDPA), run with SDPA's default backends and again without "
+                  "cuDNN, the faster of the two for each of TTFT and decode (cuDNN plans every new key length, which "
+                  "generate()'s decode pays at every step). "
                   f"Chunked = the same call with `prefill_chunk_size={settings['chunk']}`. Peak = the most GPU memory "
                   "allocated during the call (weights and KV cache included). Random weights: the tokens mean "
                   "nothing, but chunking should not change them.", "", e2e_table(record), ""]

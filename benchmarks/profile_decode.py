@@ -1,0 +1,139 @@
+"""Where an eagerly launched decode step spends its host time: cProfile of one attention layer's decode calls.
+
+A decode step launched eagerly (plain generate()) is bound by its host work whenever that outlasts its GPU work, so
+the host time per call is what decides whether a method beats dense there. For each method this prints the host
+time per call (back-to-back calls, no synchronisation inside) and the functions that take it.
+
+    PYTHONPATH=$PWD python benchmarks/profile_decode.py --context 32768 --methods streaming hip
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from benchmarks.run import LAYER_SHAPES, LayerInputs, build_model, new_method, warm_up
+from benchmarks.timing import _token_clock
+from hf_longattn import patch_model, unpatch_model
+
+
+def host_us(fn, calls: int) -> float:
+    """Host microseconds per call, the GPU left to run behind (synchronised only at the ends)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
+
+
+def sdpa_with_fresh_lengths(x: LayerInputs, calls: int) -> None:
+    """Dense SDPA decode as generate() calls it, one key more at every call, per backend: a backend that plans per
+    shape (cuDNN) pays its planning at every step there, which a benchmark repeating one shape never sees."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = x.step_queries[0]
+    k, v = (torch.cat([t, t[:, :, :calls + 8]], 2) for t in (x.k, x.v))
+    for backend in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        lengths = iter(range(x.context, x.context + calls + 8))
+
+        def step(lengths=lengths):
+            n = next(lengths)
+            return torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=x.scale,
+                                                                    enable_gqa=True)
+        label = "default" if backend is None else backend.name
+        try:
+            with contextlib.nullcontext() if backend is None else sdpa_kernel([backend]):
+                step()
+                fresh = host_us(step, calls)
+                start = time.perf_counter()
+                for _ in range(4):
+                    step()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                synced = 1e6 * (time.perf_counter() - start) / 4
+            print(f"  dense SDPA {label}, a new key length each call: {fresh:.1f} us/call (GPU left behind), "
+                  f"{synced:.1f} us/call with the GPU waited for")
+        except RuntimeError as error:
+            print(f"  dense SDPA {label}: {str(error).splitlines()[0][:120]}")
+
+
+def print_profile(profiler: cProfile.Profile, top: int) -> None:
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
+
+
+def e2e(args) -> None:
+    model = build_model("llama-3.1-8b" if torch.cuda.is_available() else "tiny")
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=model.device)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # "dense-no-cudnn": the unpatched model with SDPA's cuDNN backend turned off.
+    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    for name in ["dense", "dense-no-cudnn", *args.methods]:
+        if not name.startswith("dense"):
+            patch_model(model, name)
+        backends = sdpa_kernel(no_cudnn) if name == "dense-no-cudnn" else contextlib.nullcontext()
+        with backends:
+            warm_up(model, ids[:, :4096])
+            clock = _token_clock()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=17, min_new_tokens=17,
+                           do_sample=False, pad_token_id=0, streamer=clock)
+            gaps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
+            print(f"\n=== e2e {name} at {args.context}: token intervals (ms) " + " ".join(f"{g:.1f}" for g in gaps))
+            profiler = cProfile.Profile()
+            profiler.enable()
+            model.generate(ids[:, :8192], attention_mask=torch.ones_like(ids[:, :8192]), max_new_tokens=9,
+                           min_new_tokens=9, do_sample=False, pad_token_id=0)
+            profiler.disable()
+        print_profile(profiler, args.top)
+        unpatch_model(model)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--methods", nargs="+", default=["streaming", "hip", "dhsa", "blocktopk", "hyper"])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--e2e", action="store_true", help="whole generate() decode steps instead of one layer")
+    args = parser.parse_args()
+    if args.e2e:
+        return e2e(args)
+
+    x = LayerInputs(args.context, *LAYER_SHAPES["llama-3-8b" if torch.cuda.is_available() else "tiny"], steps=1)
+    q, (k, v) = x.step_queries[0], x.caches[0]
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=x.scale, enable_gqa=True)
+    for _ in range(3):
+        sdpa()
+    print(f"context {args.context}: dense SDPA host {host_us(sdpa, args.calls):.1f} us/call")
+    sdpa_with_fresh_lengths(x, args.calls)
+    for name in args.methods:
+        method = new_method(name)
+        state: dict = {}
+        method.attend(x.q, x.k, x.v, x.call(state))  # its prefill, then steps that continue it
+        def step(method=method, state=state):
+            return method.attend(q, k, v, x.call(state))
+        for _ in range(5):
+            step()
+        print(f"\n=== {name}: host {host_us(step, args.calls):.1f} us/call")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.calls):
+            step()
+        profiler.disable()
+        print_profile(profiler, args.top)
+
+
+if __name__ == "__main__":
+    main()
