@@ -214,6 +214,24 @@ def test_compiled_static_decode_matches_unpatched(family, method, caplog, monkey
         assert len(fallback) == 1, "the dense fallback of the compiled decode was announced once"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+@pytest.mark.parametrize("method", QUERY_OFFSET_METHODS)
+def test_compiled_static_decode_with_cuda_graphs_matches_unpatched(method):
+    """transformers' own compiled decode on a GPU (its default CompileConfig: CUDA graphs). The graphs own what their
+    calls allocate; kernels that kept scratch buffers across calls failed there ('tensor(s) in the cudagraph pool not
+    tracked as outputs'), which no CPU test can see."""
+    torch._dynamo.reset()
+    model = make_model("llama").cuda()
+    ids, mask = (t.cuda() for t in random_batch(**PROMPT))
+    expected = greedy(model, ids, mask, cache_implementation="static")
+    with patched(model, method, **FULL_BUDGET[method]):
+        out = greedy(model, ids, mask, cache_implementation="static")
+    assert torch.equal(out.sequences, expected.sequences)
+    # Inductor compiles the two models' graphs apart: the same math, float32 sums in another order.
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(expected.logits), atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("family,method,with_mask", COMPILED_FORWARD)
 def test_compiled_forward_matches_eager(family, method, with_mask, caplog, monkeypatch):
     torch._dynamo.reset()
