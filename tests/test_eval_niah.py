@@ -85,3 +85,41 @@ def test_niah_cli_grid_dense_and_streaming(smollm2, tmp_path, monkeypatch, capsy
     summary = (out / "niah_summary.md").read_text()
     assert "| dense |" in summary and "| streaming (window=128, sink=4) |" in summary
     assert "same score as dense" in capsys.readouterr().out
+
+
+def _run_result(method, lengths, scores, depths=(0.0, 100.0), needle="passkey"):
+    """A result as `hf-longattn niah` writes it: one prompt per (length, depth) cell, scores in that order."""
+    from hf_longattn.eval.niah import summarize
+
+    cells = [(n, d) for n in lengths for d in depths]
+    samples = [{"length": n, "depth": d, "index": 0, "score": s} for (n, d), s in zip(cells, scores)]
+    return {"model": "m", "needle": needle, "haystack": "synthetic", "depths": list(depths), "chat_template": True,
+            "max_position_embeddings": 1024, "lengths": list(lengths), "samples_per_cell": 1, "method": method,
+            "options": {}, "seconds": 1.0, "samples": samples, **summarize(samples, list(lengths), list(depths))}
+
+
+def test_niah_merge_makes_one_grid_of_runs_at_different_lengths(tmp_path, capsys):
+    from hf_longattn.eval.cli import main
+    from hf_longattn.eval.niah import save_report
+
+    save_report([_run_result("dense", [1024], [1, 0]), _run_result("longheads", [1024], [1, 1])], tmp_path / "1k")
+    save_report([_run_result("longheads", [2048], [0, 1])], tmp_path / "2k")  # dense did not run at 2K
+    assert main(["niah-merge", str(tmp_path / "1k"), str(tmp_path / "2k"), "--out", str(tmp_path / "all")]) == 0
+    merged = {m: json.loads((tmp_path / "all" / f"niah_{m}.json").read_text()) for m in ("dense", "longheads")}
+    assert merged["longheads"]["lengths"] == [1024, 2048]
+    assert merged["longheads"]["scores"] == [[1.0, 0.0], [1.0, 1.0]]  # rows = depths 0 and 100, columns = lengths
+    assert merged["dense"]["scores"] == [[1.0, None], [0.0, None]]
+    assert merged["longheads"]["per_length"] == {"1024": 1.0, "2048": 0.5}
+    summary = (tmp_path / "all" / "niah_summary.md").read_text()
+    assert "| longheads | 1.00 | 0.50 |" in summary and "| dense | 0.50 | - |" in summary
+    assert "1/2 | 0/2 |" in summary  # compared with dense on the 2 prompts both answered: 1 the same, none lost
+    assert (tmp_path / "all" / "niah_side_by_side.png").is_file() and "niah-merge" in capsys.readouterr().out
+
+
+def test_niah_merge_refuses_runs_of_different_grids(tmp_path):
+    from hf_longattn.eval.niah import merge_runs
+
+    with pytest.raises(ValueError, match="needle"):
+        merge_runs([[_run_result("dense", [1024], [1, 0])], [_run_result("dense", [2048], [1, 0], needle="multikey:2")]])
+    with pytest.raises(ValueError, match="same length"):
+        merge_runs([[_run_result("dense", [1024], [1, 0])], [_run_result("dense", [1024], [1, 0])]])

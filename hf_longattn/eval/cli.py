@@ -2,6 +2,7 @@
 
     hf-longattn niah --model smollm2 --methods dense,streaming --lengths 1k,2k,4k --depths 11 --samples 5 --out runs/niah
     hf-longattn niah --model smollm2 --methods dense,longheads --lengths 8k,16k,32k --out runs/longer   (past 8K trained)
+    hf-longattn niah-merge runs/8k runs/16k runs/32k --out runs/merged   (runs of one grid, one length each)
     hf-longattn lm-eval --model hf-longattn --model_args pretrained=smollm2,method=streaming,window=1024 --tasks ...
     hf-longattn longbench-local DATA_DIR --out TASK_DIR   (task YAMLs for LongBench JSONL files you have locally)
     hf-longattn serve --model smollm2 --method hip --port 8000   (OpenAI-style HTTP server: hf_longattn/serving)
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--out", required=True, help="output folder for JSON, PNG and the markdown summary")
     niah.add_argument("--quiet", action="store_true", help="no progress bar")
     niah.set_defaults(run=run_niah_command)
+
+    merge = commands.add_parser("niah-merge", help="one grid (heatmaps, JSON, table) from niah runs of different "
+                                                   "lengths, e.g. one process a length")
+    merge.add_argument("runs", nargs="+", help="--out folders of `hf-longattn niah` runs")
+    merge.add_argument("--out", required=True, help="output folder for the merged JSON, PNG and markdown summary")
+    merge.set_defaults(run=run_niah_merge_command)
 
     local = commands.add_parser("longbench-local", help="write lm-eval task YAMLs for local LongBench JSONL files")
     local.add_argument("data_dir", help="folder with LongBench files such as hotpotqa.jsonl, qasper.jsonl")
@@ -190,6 +197,18 @@ def _depths(text: str):
         return int(text) if text.strip().isdigit() else [float(d) for d in text.split(",") if d.strip()]
     except ValueError:
         raise UsageError(f"--depths {text!r}: give a count such as 11 or percentages such as 0,50,100") from None
+
+
+def run_niah_merge_command(args) -> int:
+    from .niah import load_run, merge_runs, save_report
+
+    try:
+        merged = merge_runs([load_run(folder) for folder in args.runs])
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    paths = save_report(merged, args.out, command="hf-longattn " + shlex.join(args.argv))
+    print(Path(paths["summary"]).read_text())
+    return 0
 
 
 def run_niah_command(args) -> int:

@@ -238,6 +238,56 @@ def summarize(records: list[dict], lengths: list[int], depths: list[float]) -> d
     }
 
 
+# What runs must share to be merged into one grid.
+_SAME_GRID = ("model", "needle", "haystack", "depths", "chat_template", "max_position_embeddings")
+
+
+def merge_runs(runs: list[list[dict]]) -> list[dict]:
+    """One result per method from runs of one grid at different lengths (one process a length, as a GPU that cannot
+    hold every length's batch at once needs): the samples pooled and summarised again. A method that a run lacks has
+    no cells at that run's lengths (blank in the heatmap, "-" in the table)."""
+    first = runs[0][0]
+    for result in (r for run in runs for r in run):
+        for key in _SAME_GRID:
+            if result.get(key) != first.get(key):
+                raise ValueError(f"runs of different grids cannot be merged: {key} is {first.get(key)!r} in one and "
+                                 f"{result.get(key)!r} in another")
+    lengths = sorted({n for run in runs for n in run[0]["lengths"]})
+    by_method: dict[str, list[dict]] = {}
+    for result in (r for run in runs for r in run):
+        by_method.setdefault(result["method"], []).append(result)
+    merged = []
+    for method, parts in by_method.items():
+        seen = [n for part in parts for n in part["lengths"]]
+        if len(seen) != len(set(seen)):
+            raise ValueError(f"'{method}' ran at the same length in two runs ({sorted(seen)}): merge runs of "
+                             "different lengths")
+        if any(part["options"] != parts[0]["options"] for part in parts):
+            raise ValueError(f"'{method}' ran with different options in the runs: {[p['options'] for p in parts]}")
+        samples = [s for part in parts for s in part["samples"]]
+        merged.append({
+            **{k: v for k, v in parts[0].items() if k != "command"}, "lengths": lengths,
+            "samples_per_cell": max(part["samples_per_cell"] for part in parts),
+            "extrapolated_lengths": [n for n in lengths if first.get("max_position_embeddings")
+                                     and n > first["max_position_embeddings"]],
+            "seconds": round(sum(part["seconds"] for part in parts), 2), "samples": samples,
+            "commands": [part.get("command") for part in parts], **summarize(samples, lengths, first["depths"]),
+        })
+    return merged
+
+
+def load_run(folder) -> list[dict]:
+    """The results a NIAH run wrote to `folder` (its niah_<method>.json files), dense first."""
+    import json
+    from pathlib import Path
+
+    files = sorted(Path(folder).glob("niah_*.json"))
+    if not files:
+        raise FileNotFoundError(f"no niah_<method>.json in {folder}: not the --out folder of an `hf-longattn niah` run")
+    results = [json.loads(f.read_text()) for f in files]
+    return sorted(results, key=lambda r: r["method"] != "dense")
+
+
 def save_report(results: list[dict], out_dir, command: str | None = None) -> dict:
     """Write niah_<method>.json + .png per method, niah_side_by_side.png and niah_summary.md; return the paths."""
     import json

@@ -31,13 +31,17 @@ def _draw(ax, result: dict, colorbar: bool):
         past = sum(n <= limit for n in result["lengths"]) - 0.5
         ax.axvline(past, color="black", linestyle="--", linewidth=1)
     overall = result.get("overall")
-    ax.set_title(f"{result['method']}  (mean {overall:.2f})" if overall is not None else result["method"])
+    ax.set_title(f"{result['method']}\nmean {overall:.2f}" if overall is not None else result["method"], fontsize=10)
     if colorbar:
         plt.colorbar(image, ax=ax, label="score")
 
 
+def _panel_width(result: dict) -> float:
+    return max(2.8, 1.2 + 0.7 * len(result["lengths"]))  # room for the axis labels with a single length
+
+
 def heatmap(result: dict, path) -> None:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(result["lengths"]), 1.5 + 0.35 * len(result["depths"])))
+    fig, ax = plt.subplots(figsize=(_panel_width(result) + 0.8, 1.5 + 0.35 * len(result["depths"])))
     _draw(ax, result, colorbar=True)
     fig.suptitle(f"NIAH {result['needle']} | {result['model']}", fontsize=9)
     fig.tight_layout()
@@ -46,9 +50,9 @@ def heatmap(result: dict, path) -> None:
 
 
 def side_by_side(results: list[dict], path) -> None:
-    width = 1.2 + 0.7 * len(results[0]["lengths"])
-    fig, axes = plt.subplots(1, len(results), figsize=(width * len(results), 1.5 + 0.35 * len(results[0]["depths"])),
-                             squeeze=False)
+    width = _panel_width(results[0])
+    fig, axes = plt.subplots(1, len(results), figsize=(width * len(results) + 0.8,
+                                                       1.5 + 0.35 * len(results[0]["depths"])), squeeze=False)
     for i, (ax, result) in enumerate(zip(axes[0], results)):
         _draw(ax, result, colorbar=i == len(results) - 1)
     fig.suptitle(f"NIAH {results[0]['needle']} | {results[0]['model']} | same prompts for every method", fontsize=9)
@@ -70,17 +74,29 @@ def markdown_table(results: list[dict]) -> str:
         row += [_fmt(result["per_length"][str(n)]) for n in lengths]
         row += [_fmt(result["overall"]), f"{result['seconds']:.0f}"]
         if dense:
-            pairs = list(zip(dense["samples"], result["samples"]))
+            dense_by_prompt = {_prompt(s): s for s in dense["samples"]}
+            pairs = [(dense_by_prompt[_prompt(s)], s) for s in result["samples"] if _prompt(s) in dense_by_prompt]
             same = sum(a["score"] == b["score"] for a, b in pairs)
             lost = sum(a["score"] > b["score"] for a, b in pairs)
             row += [f"{same}/{len(pairs)}", f"{lost}/{len(pairs)}"]
         lines.append("| " + " | ".join(row) + " |")
+    counts = {n: max(sum(s["length"] == n for s in r["samples"]) for r in results) for n in lengths}
     per_cell = results[0]["samples_per_cell"] * len(results[0]["depths"])
-    notes = [f"\nScores are mean needle recall over {per_cell} prompts per length "
-             f"({len(results[0]['depths'])} depths x {results[0]['samples_per_cell']} samples); every method saw the same prompts."]
+    if set(counts.values()) == {per_cell}:
+        notes = [f"\nScores are mean needle recall over {per_cell} prompts per length "
+                 f"({len(results[0]['depths'])} depths x {results[0]['samples_per_cell']} samples); every method saw "
+                 "the same prompts."]
+    else:  # merged runs (niah-merge)
+        notes = ["\nScores are mean needle recall over the prompts of each length ("
+                 + ", ".join(f"{length_label(n)}: {c}" for n, c in counts.items()) + "); the methods of one run saw the "
+                 "same prompts, and methods are compared prompt by prompt where both ran."]
     if limit and any(n > limit for n in lengths):
         notes.append(f"* beyond the model's max_position_embeddings ({limit}): extrapolation, dense is not expected to work.")
     return "\n".join(lines) + "\n" + "\n".join(notes)
+
+
+def _prompt(sample: dict) -> tuple:
+    return sample["length"], sample["depth"], sample["index"]
 
 
 def _fmt(value) -> str:
