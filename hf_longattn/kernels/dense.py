@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 # Score elements per chunk of the softcap path (B x Hq x chunk x Lk).
+_MAX_SCORE_ELEMENTS = 1 << 26
 # Scores a masked dense call may hold at once (float32: 1 GiB).
 _MAX_MASKED_SCORES = 1 << 28
-_MAX_SCORE_ELEMENTS = 1 << 26
 
 
 def attention_logits(qk: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
