@@ -104,7 +104,8 @@ def main(argv=None) -> int:
                if getattr(args, name) is not None}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    record = {"environment": environment(None if argv is None else [__file__, *argv]), "dtype": str(dtype), "options": options, "rows": []}
+    record = {"environment": environment(None if argv is None else [__file__, *argv]), "dtype": str(dtype),
+              "options": options, "rows": []}
     for context in args.contexts:
         record["rows"].append(bench_context(context, options, device, dtype))
         print(json.dumps(record["rows"][-1]), flush=True)

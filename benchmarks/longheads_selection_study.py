@@ -14,6 +14,7 @@ span), one that misses it at the selection.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = [
         "# LongHeads: does the chunk selection reach the needle?", "",
-        f"Command: `python benchmarks/longheads_selection_study.py {' '.join(__import__('sys').argv[1:])}`", "",
+        f"Command: `python benchmarks/longheads_selection_study.py {' '.join(sys.argv[1:])}`", "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; SmolLM2-135M-Instruct float32 (trained 8K), "
         f"LongHeads defaults (cap 4096, chunks of {args.chunk_size}), haystack {args.haystack}, one prompt per cell. "
         "At the first answer token, per layer and key/value head: does the selection hold the needle's chunk, and "

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from benchmarks.run import LAYER_SHAPES, LayerInputs, build_model, new_method, warm_up
-from benchmarks.timing import _token_clock
+from benchmarks.run import LAYER_SHAPES, LayerInputs, build_model, new_method, sdpa_without_cudnn, warm_up
+from benchmarks.timing import time_generate
 from hf_longattn import patch_model, unpatch_model
 
 
@@ -76,21 +76,15 @@ def print_profile(profiler: cProfile.Profile, top: int) -> None:
 def e2e(args) -> None:
     model = build_model("llama-3.1-8b" if torch.cuda.is_available() else "tiny")
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=model.device)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     # "dense-no-cudnn": the unpatched model with SDPA's cuDNN backend turned off.
-    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     for name in ["dense", "dense-no-cudnn", *args.methods]:
         if not name.startswith("dense"):
             patch_model(model, name)
-        backends = sdpa_kernel(no_cudnn) if name == "dense-no-cudnn" else contextlib.nullcontext()
-        with backends:
+        with sdpa_without_cudnn() if name == "dense-no-cudnn" else contextlib.nullcontext():
             warm_up(model, ids[:, :4096])
-            clock = _token_clock()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=17, min_new_tokens=17,
-                           do_sample=False, pad_token_id=0, streamer=clock)
-            gaps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
-            print(f"\n=== e2e {name} at {args.context}: token intervals (ms) " + " ".join(f"{g:.1f}" for g in gaps))
+            intervals = time_generate(model, ids, 16)["decode_intervals_ms"]
+            print(f"\n=== e2e {name} at {args.context}: token intervals (ms) "
+                  + " ".join(f"{g:.1f}" for g in intervals))
             profiler = cProfile.Profile()
             profiler.enable()
             model.generate(ids[:, :8192], attention_mask=torch.ones_like(ids[:, :8192]), max_new_tokens=9,

@@ -150,8 +150,9 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kw
 
     Returns ttft_s (the call until the first new token is on the host: the prefill), decode_ms_per_token (the median
     interval between the following tokens: a one-off cost, such as a kernel compiled for a new specialisation, shows
-    in decode_max_ms instead of moving it), peak_gib (the most GPU memory allocated during the call, weights and KV
-    cache included; 0 on CPU) and tokens (the generated ids, to check that two set-ups produce the same ones).
+    in decode_max_ms instead of moving it; all of them in decode_intervals_ms), peak_gib (the most GPU memory
+    allocated during the call, weights and KV cache included; 0 on CPU) and tokens (the generated ids, to check that
+    two set-ups produce the same ones).
     """
     clock = _token_clock()
     if on_gpu():
@@ -160,11 +161,12 @@ def time_generate(model, input_ids: torch.Tensor, new_tokens: int, **generate_kw
     start = time.perf_counter()
     model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens + 1,
                    min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=0, streamer=clock, **generate_kwargs)
-    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    gaps = [1e3 * (b - a) for a, b in zip(clock.times, clock.times[1:])]
     return {
         "ttft_s": clock.times[0] - start,
-        "decode_ms_per_token": 1e3 * statistics.median(gaps) if gaps else None,
-        "decode_max_ms": 1e3 * max(gaps) if gaps else None,
+        "decode_ms_per_token": statistics.median(gaps) if gaps else None,
+        "decode_max_ms": max(gaps) if gaps else None,
+        "decode_intervals_ms": gaps,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu() else 0.0,
         "tokens": clock.tokens,
     }
