@@ -37,6 +37,46 @@ def _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_
     tl.store(Lse + (b.to(tl.int64) * num_q_heads + head) * q_len + q_idx, lse, mask=row_ok)
 
 
+@triton.jit
+def _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, split, num_splits, head, q_idx, row_ok, offs_m,
+                  offs_d, stride_ob, stride_ol, stride_oh, num_q_heads, q_len, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """Store the rows of a split-K program (acc, m_i, l_i: its online softmax) in split `split` of `num_splits` for
+    the (row, head) program column bh: alone, directly; else as a partial, merged by the last split to arrive."""
+    if num_splits == 1:
+        _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
+                    num_q_heads, q_len, HEAD_DIM)
+    else:
+        # Partial of this split: normalised output [BLOCK_M, D_PAD], then its log2-sum-exp after all outputs.
+        seen = l_i > 0.0
+        part = (bh * num_splits + split) * BLOCK_M + offs_m
+        lse_base = Partials + tl.num_programs(1).to(tl.int64) * num_splits * BLOCK_M * D_PAD
+        tl.store(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None])
+        tl.store(lse_base + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
+        # Every thread's partial is written before one thread publishes the arrival (release); the last program to
+        # arrive sees all partials (acquire) and merges them.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Arrivals + bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+            for other in range(0, num_splits):
+                part = (bh * num_splits + other) * BLOCK_M + offs_m
+                lse_s = tl.load(lse_base + part, cache_modifier=".cg")
+                out_s = tl.load(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], cache_modifier=".cg")
+                m_new = tl.maximum(m_i, lse_s)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_use)
+                weight = tl.math.exp2(lse_s - m_use)
+                acc = acc * alpha[:, None] + out_s * weight[:, None]
+                l_i = l_i * alpha + weight
+                m_i = m_new
+            _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
+                        num_q_heads, q_len, HEAD_DIM)
+            tl.atomic_xchg(Arrivals + bh, 0)  # ready for the next launch
+
+
 # Lengths and pattern strides change at every step: specialising on them would recompile the kernel as they do.
 @triton.jit(do_not_specialize=[
     "stride_ib", "stride_ih", "stride_cb", "stride_ch",
@@ -118,39 +158,8 @@ def _sparse_decode_kernel(
         s = tl.where(visible, s, float("-inf"))
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
-    num_q_heads = num_heads * G
-    if num_splits == 1:
-        _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
-                    num_q_heads, q_len, HEAD_DIM)
-    else:
-        # Partial of this split: normalised output [BLOCK_M, D_PAD], then its log2-sum-exp after all outputs.
-        seen = l_i > 0.0
-        part = (bh * num_splits + split) * BLOCK_M + offs_m
-        lse_base = Partials + tl.num_programs(1).to(tl.int64) * num_splits * BLOCK_M * D_PAD
-        tl.store(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], acc / tl.where(seen, l_i, 1.0)[:, None])
-        tl.store(lse_base + part, tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf")))
-        # Every thread's partial is written before one thread publishes the arrival (release); the last program to
-        # arrive sees all partials (acquire) and merges them.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Arrivals + bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-            for other in range(0, num_splits):
-                part = (bh * num_splits + other) * BLOCK_M + offs_m
-                lse_s = tl.load(lse_base + part, cache_modifier=".cg")
-                out_s = tl.load(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], cache_modifier=".cg")
-                m_new = tl.maximum(m_i, lse_s)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_use)
-                weight = tl.math.exp2(lse_s - m_use)
-                acc = acc * alpha[:, None] + out_s * weight[:, None]
-                l_i = l_i * alpha + weight
-                m_i = m_new
-            _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
-                        num_q_heads, q_len, HEAD_DIM)
-            tl.atomic_xchg(Arrivals + bh, 0)  # ready for the next launch
+    _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, split, num_splits, head, q_idx, row_ok, offs_m,
+                  offs_d, stride_ob, stride_ol, stride_oh, num_heads * G, q_len, HEAD_DIM, BLOCK_M, D_PAD)
 
 
 def use_decode(pattern, q_len: int) -> bool:
