@@ -449,3 +449,28 @@ def test_selection_kernel_matches_reference(case):
     got = select_layout_triton(query.to(device), reps.to(device), start.to(device), inv_freq, **options)
     for name, value in expected.items():
         assert torch.equal(got[name].cpu().long(), value.long()), name
+
+
+# --- the one-launch decode step -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads", [2, 4], ids=["per-kv-head", "per-query-head"])
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
+def test_decode_kernel_matches_reference(heads, softcap):
+    """Selection, re-placement, attention and the merge in one launch = the prefill path's references composed, on a
+    row that selects 3 of 9 candidate chunks, one that selects 3 of 5 after left padding, and one that fits whole."""
+    from hf_longattn.kernels.longheads_decode import longheads_decode_reference, longheads_decode_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET=1 on CPU (tests/conftest.py)
+    gen = torch.Generator().manual_seed(heads)
+    query = torch.randn(3, 4, 1, 16, generator=gen)
+    key, value = torch.randn(3, 2, 90, 16, generator=gen), torch.randn(3, 2, 90, 16, generator=gen)
+    reps = torch.randn(3, 4, 16, 16, generator=gen)  # room for 16 chunks, as the decode state grows it
+    start, inv_freq = torch.tensor([0, 30, 45]), layer_inv_freq(make_model("llama").config, 0)
+    options = dict(chunk_size=8, num_chunks=6, scale=0.3, softcap=softcap, heads=heads)
+    expected = longheads_decode_reference(query, key, value, reps, start, inv_freq, **options)
+    got = longheads_decode_triton(*(t.to(device) for t in (query, key, value, reps, start)), inv_freq, **options)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+    # The row of 45 keys fits the cap (48): exact dense attention; the others are not.
+    dense = dense_attention(query, key, value, 0.3, softcap, kv_start=start)
+    torch.testing.assert_close(expected[2], dense[2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected[:2], dense[:2], atol=1e-3)

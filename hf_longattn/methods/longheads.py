@@ -22,11 +22,13 @@ Departures from the paper, and why:
 - The query's own key is visible (the reference code leaves it out); its own chunk is read causally.
 - A block that straddles a chunk boundary keeps three local chunks and selects one chunk fewer.
 
-Decode: representatives are computed once, when a chunk completes, from the queries of its tokens; the last
-``chunk_size`` queries are kept in `AttentionCall.state` for that (emptied by a new sequence). Beam search reorders
-the cache rows between steps: the state follows by matching each row's newest keys to the rows it saw. Chunks whose
-queries were never seen (the state was lost, e.g. a cache rolled back by assisted decoding) are represented with their
-keys standing in for their queries, with a warning.
+Decode: a step (one query) runs as one launch on the GPU (kernels/longheads_decode.py: selection, re-placement by
+turning the query instead of copying and turning the keys, attention and merge). Representatives are computed once,
+when a chunk completes, from the queries of its tokens; the last ``chunk_size`` queries are kept in
+`AttentionCall.state` for that (emptied by a new sequence). Beam search reorders the cache rows between steps: the
+state follows by matching each row's newest keys to the rows it saw. Chunks whose queries were never seen (the state
+was lost, e.g. a cache rolled back by assisted decoding) are represented with their keys standing in for their
+queries, with a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from ..config import ConfigError, MethodConfig, positive
 from ..kernels import dense_attention, sparse_attention, window_pattern
 from ..kernels.longheads_chunks import LOCAL_SLOTS, chunk_representatives, select_layout
+from ..kernels.longheads_decode import longheads_decode
 from ..kernels.longheads_gather import gather_rotate
 from ..rope import check_rope, layer_inv_freq
 from .base import SparseMethod
@@ -158,6 +161,11 @@ class LongHeads(SparseMethod):
         state = self.update_state(query, key, value, call, inv_freq)
         if key.shape[2] - min(state.starts) <= cap:  # every query's context fits: nothing moves
             return dense_attention(query, key, value, call.scale, call.softcap, kv_start=call.kv_start)
+        if query.shape[2] == 1:  # a decode step: one launch on the GPU (kernels/longheads_decode.py)
+            c = self.config
+            return longheads_decode(query, key, value, state.reps, state.row_start, inv_freq, chunk_size=c.chunk_size,
+                                    num_chunks=cap // c.chunk_size, scale=call.scale, softcap=call.softcap,
+                                    heads=key.shape[1] if c.shared_kv_heads else query.shape[1])
         return self.attend_selected(query, key, value, call, state, inv_freq, cap)
 
     # --- chunk representatives and the decode state ------------------------------------------------------------
