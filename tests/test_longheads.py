@@ -474,3 +474,23 @@ def test_decode_kernel_matches_reference(heads, softcap):
     dense = dense_attention(query, key, value, 0.3, softcap, kv_start=start)
     torch.testing.assert_close(expected[2], dense[2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected[:2], dense[:2], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shared", [True, False], ids=["per-kv-head", "per-query-head"])
+def test_decode_kernel_in_bf16_on_gpu_matches_reference(shared):
+    """Llama-3-8B's heads over 32K keys in chunks of 256, cap 4096 (the interpreter's bf16 dots are wrong: only the GPU
+    checks bf16). The reference runs in float32 on the same bf16 values."""
+    from hf_longattn.kernels.longheads_decode import longheads_decode_reference, longheads_decode_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    key, value = (torch.randn(2, 8, 32768, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    start = torch.tensor([0, 1000], device="cuda", dtype=torch.int32)
+    reps = torch.randn(2, 32, 128, 128, device="cuda", generator=gen)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, device="cuda") / 128)  # Llama 3's base, head_dim 128
+    options = dict(chunk_size=256, num_chunks=16, scale=128**-0.5, softcap=None, heads=8 if shared else 32)
+    got = longheads_decode_triton(query, key, value, reps, start, inv_freq, **options)
+    expected = longheads_decode_reference(query.float(), key.float(), value.float(), reps, start, inv_freq, **options)
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)

@@ -53,6 +53,9 @@ def longheads_decode_triton(query, key, value, reps, row_start, inv_freq, *, chu
     if q_len != 1 or dim % 2 or query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError(f"longheads_decode takes one query and caches with contiguous head dims; got query "
                          f"{tuple(query.shape)} strides {query.stride()}, key strides {key.stride()}")
+    if inv_freq.numel() != dim // 2:
+        raise ValueError(f"inv_freq has {inv_freq.numel()} frequencies for a head dim of {dim}: pass the layer's own "
+                         f"({dim // 2}, rope.layer_inv_freq)")
     device, group, slots = query.device, num_q_heads // heads, num_chunks + 1
     reps = reps if reps.stride(-1) == 1 else reps.contiguous()
     g_sel = triton.next_power_of_2(group)
