@@ -38,7 +38,8 @@ def _selected_chunk(Q, REPS, SCORES, b, ph, target, p, start, lo, n_select, d, d
     c_off = tl.arange(0, BLOCK_C)
     m_i = tl.full([G_SEL], float("-inf"), tl.float32)
     l_i = tl.zeros([G_SEL], tl.float32)
-    # Pass 1, all heads of the group at once: each candidate's score, stored, and each head's log-sum-exp over them.
+    # All heads of the group at once: each candidate's score (kept in SCORES) and each head's log-sum-exp over them;
+    # then a chunk's score is its best log-probability over the heads.
     for c0 in tl.range(1, lo, BLOCK_C, num_stages=2):
         c = c0 + c_off
         ok = g_ok[:, None] & (c < lo)[None, :]
