@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import HAS_TRITON
+from .ops import HAS_TRITON, on_device
 
 
 def merge_by_lse(out_a, lse_a, out_b, lse_b):
@@ -54,13 +54,14 @@ def merge_level_triton(out, lse, rows, slot, live, parts, block_rows: int = 32) 
     (out_a, lse_a), (out_b, lse_b) = parts[0], parts[-1]
     slot = slot.contiguous()
     grid = (triton.cdiv(rows.shape[0], block_rows), batch * heads)
-    _merge_level_kernel[grid](
-        out, lse, rows, slot, live if live is not None else slot, out_a, lse_a, out_b, lse_b,
-        *out.stride()[:3], *lse.stride()[:2], *slot.stride()[:2], live.stride(0) if live is not None else 0,
-        *out_a.stride()[:3], *lse_a.stride()[:2], *out_b.stride()[:3], *lse_b.stride()[:2],
-        heads, rows.shape[0], HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_R=block_rows,
-        HAS_LIVE=live is not None, TWO_PARTS=len(parts) == 2,
-    )
+    with on_device(out):  # a layer on cuda:1 under device_map
+        _merge_level_kernel[grid](
+            out, lse, rows, slot, live if live is not None else slot, out_a, lse_a, out_b, lse_b,
+            *out.stride()[:3], *lse.stride()[:2], *slot.stride()[:2], live.stride(0) if live is not None else 0,
+            *out_a.stride()[:3], *lse_a.stride()[:2], *out_b.stride()[:3], *lse_b.stride()[:2],
+            heads, rows.shape[0], HEAD_DIM=dim, D_PAD=max(16, triton.next_power_of_2(dim)), BLOCK_R=block_rows,
+            HAS_LIVE=live is not None, TWO_PARTS=len(parts) == 2,
+        )
 
 
 def merge_level(out, lse, rows, slot, live, parts) -> None:

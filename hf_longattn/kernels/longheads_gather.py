@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..rope import rotate
-from .ops import HAS_TRITON
+from .ops import HAS_TRITON, on_device
 
 
 def _check(key, value, src_start, delta):
@@ -47,7 +47,7 @@ def gather_rotate_reference(key, value, src_start, delta, chunk_size: int, inv_f
     return keys.reshape(rows, 1, slots * chunk_size, -1), values.reshape(rows, 1, slots * chunk_size, -1)
 
 
-def gather_rotate_triton(key, value, src_start, delta, chunk_size: int, inv_freq, block_tokens: int = 64,
+def gather_rotate_triton(key, value, src_start, delta, chunk_size: int, inv_freq, block_tokens: int = 32,
                          num_warps: int = 4):
     """Same as the reference, one Triton program per (row, slot, tile of block_tokens keys)."""
     import triton
@@ -63,11 +63,12 @@ def gather_rotate_triton(key, value, src_start, delta, chunk_size: int, inv_freq
     inv_freq = inv_freq.to(device=key.device, dtype=torch.float32).contiguous()
     block_tokens = min(block_tokens, triton.next_power_of_2(chunk_size))
     grid = (rows, slots, triton.cdiv(chunk_size, block_tokens))
-    gather_rotate_kernel[grid](
-        key, value, keys, values, src_start, delta, inv_freq, *key.stride(), *value.stride(), key.shape[2], slots,
-        chunk_size, heads, n_blocks, key.shape[1],
-        HALF=dim // 2, HALF_P2=triton.next_power_of_2(dim // 2), BLOCK_T=block_tokens, num_warps=num_warps,
-    )
+    with on_device(key):
+        gather_rotate_kernel[grid](
+            key, value, keys, values, src_start, delta, inv_freq, *key.stride(), *value.stride(), key.shape[2],
+            slots, chunk_size, heads, n_blocks, key.shape[1],
+            HALF=dim // 2, HALF_P2=triton.next_power_of_2(dim // 2), BLOCK_T=block_tokens, num_warps=num_warps,
+        )
     return keys, values
 
 
