@@ -1,4 +1,5 @@
-"""Does LongHeads' chunk selection reach the needle? Passkey prompts on SmolLM2-135M-Instruct (float32, CPU is fine).
+"""Does LongHeads' chunk selection reach the needle? Passkey prompts on SmolLM2-135M-Instruct (float32, on the CPU:
+the decode step's selection is recorded from its PyTorch reference, which the GPU's one-launch kernel replaces).
 
 For each prompt, at the first answer token (the first decode step), every layer's chunk selection is recorded per
 key/value head, beside dense attention's mass per chunk for the same query (the exact softmax over all keys, the
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import hf_longattn.kernels.longheads_decode as decode_module
 import hf_longattn.methods.longheads as longheads_module
 from hf_longattn import patched
 from hf_longattn.bundled import load_model
@@ -35,7 +37,7 @@ def needle_position(sample, tokenizer) -> int:
 def first_step_record(model, ids: torch.Tensor, chunk_size: int, max_new_tokens: int) -> tuple[dict, torch.Tensor]:
     """({layer: (selected chunk ids per kv head, dense mass per chunk [Hq, C])} at the first decode step, output)."""
     record: dict[int, dict] = {}
-    select, attend = longheads_module.select_layout, longheads_module.LongHeads.attend
+    select, attend = decode_module.select_layout_reference, longheads_module.LongHeads.attend
     current = {}
 
     def recording_select(query, reps, row_start, inv_freq, **options):
@@ -56,13 +58,13 @@ def first_step_record(model, ids: torch.Tensor, chunk_size: int, max_new_tokens:
             record[call.layer_idx] = {"mass": mass.sum(-1)}
         return attend(self, query, key, value, call)
 
-    longheads_module.select_layout, longheads_module.LongHeads.attend = recording_select, recording_attend
+    decode_module.select_layout_reference, longheads_module.LongHeads.attend = recording_select, recording_attend
     try:
         with torch.no_grad(), patched(model, "longheads", chunk_size=chunk_size):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False)
     finally:
-        longheads_module.select_layout, longheads_module.LongHeads.attend = select, attend
+        decode_module.select_layout_reference, longheads_module.LongHeads.attend = select, attend
     return record, out
 
 
