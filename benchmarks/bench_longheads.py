@@ -38,7 +38,7 @@ CONFIG = LlamaConfig(hidden_size=HEADS * DIM, num_attention_heads=HEADS, num_key
 MODULE = types.SimpleNamespace(config=CONFIG, layer_idx=0)
 # Kernel name fragments -> phase, for the per-kernel split of one prefill call.
 PHASES = {"select_layout": "selection", "gather_rotate": "gather + rotate", "sparse": "attention",
-          "flash": "representatives", "fmha": "representatives", "attention": "representatives"}
+          "chunk_representatives": "representatives"}
 
 
 def inputs(context: int, q_len: int):
@@ -52,21 +52,23 @@ def fresh_call(state=None) -> AttentionCall:
     return AttentionCall(0, DIM**-0.5, None, None, {} if state is None else state, module=MODULE)
 
 
-def kernel_split(fn) -> dict:
-    """CUDA milliseconds of one call of fn, summed per phase (by kernel name)."""
+def kernel_split(fn, top: int = 12) -> tuple[dict, list]:
+    """CUDA milliseconds of one call of fn: summed per phase (by kernel name), and the `top` kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     split: dict[str, float] = {}
+    kernels = []
     for event in prof.key_averages():
         time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
         if not time_us:
             continue
         phase = next((p for key, p in PHASES.items() if key in event.key.lower()), "other")
         split[phase] = split.get(phase, 0.0) + time_us / 1e3
-    return {k: round(v, 3) for k, v in sorted(split.items())}
+        kernels.append((round(time_us / 1e3, 3), event.count, event.key[:90]))
+    return {k: round(v, 3) for k, v in sorted(split.items())}, sorted(kernels, reverse=True)[:top]
 
 
 def dense_prefill_ms(q, k, v) -> float:
@@ -85,8 +87,9 @@ def prefill(context: int, block_sizes: list[int]) -> dict:
         run = lambda: method.attend(q, k, v, fresh_call())  # noqa: E731
         total = bench_ms(run)
         reps = bench_ms(lambda: method.update_state(q, k, v, fresh_call(), method.layer(fresh_call(), q.device)[0]))
+        split, kernels = kernel_split(run)
         row["longheads"][block] = {"ms": total, "speedup": dense / total, "representatives_ms": reps,
-                                   "cuda_ms_by_kernel": kernel_split(run)}
+                                   "cuda_ms_by_kernel": split, "top_kernels_ms_count_name": kernels}
         torch.cuda.empty_cache()
     return row
 
@@ -126,6 +129,10 @@ def markdown(result: dict) -> str:
             split = ", ".join(f"{k} {v:.1f}" for k, v in r["cuda_ms_by_kernel"].items())
             lines.append(f"| {row['context']} | {row['dense_cudnn_ms']:.1f} | {block} | {r['ms']:.1f} | "
                          f"{r['speedup']:.1f}x | {r['representatives_ms']:.1f} | {split} |")
+    lines += ["", "Kernels by CUDA time (ms, launches), one call at the longest context:", ""]
+    for block, r in result["prefill"][-1]["longheads"].items():
+        lines += [f"- block_size_q={block}: " + "; ".join(f"{ms} ({n}) {name}" for ms, n, name in
+                                                        r["top_kernels_ms_count_name"])]
     d = result["decode"]
     lines += ["", "## Decode, one query, launched eagerly", "",
               "| context | dense flash (us) | longheads step (us) | speedup | step completing a chunk (us) | amortised (us) |",

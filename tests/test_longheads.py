@@ -3,6 +3,7 @@ method against a brute-force statement of the paper's algorithm, exactness at a 
 state (incremental = prefill, beam search reorders, new sequences) and left padding."""
 
 import itertools
+import logging
 import types
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import rotate_half
 
-from hf_longattn import ConfigError, patch_model, patched
+from hf_longattn import ConfigError, attention, patch_model, patched
 from hf_longattn.kernels import dense_attention
 from hf_longattn.kernels.longheads_chunks import chunk_representatives
 from hf_longattn.kernels.longheads_gather import gather_rotate_reference, gather_rotate_triton
@@ -282,6 +283,30 @@ def test_representative_is_the_attention_weighted_mean_of_the_chunk_local_keys()
             torch.testing.assert_close(reps[b, hq], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_chunks_whose_queries_were_never_seen_use_their_keys_with_a_warning(caplog, monkeypatch):
+    """A state that starts mid-sequence (lost, e.g. by a cache rolled back): a chunk that began before the first query
+    it saw is represented with its keys standing in for all its queries; later chunks use their own queries."""
+    model = make_model("llama")
+    starts = torch.tensor([0, 3])
+    _, _, q, k, v = _method_inputs(model, starts, 30, 40, seed=5)  # the state sees the queries from position 10 on
+    method = LongHeads(LongHeadsConfig(**SMALL))
+    call = AttentionCall(0, 0.3, None, starts, {}, module=_module(model))
+    inv_freq = method.layer(call, q.device)[0]
+    monkeypatch.setattr(attention, "_warned", set())
+    with caplog.at_level(logging.WARNING, "hf_longattn"):
+        state = method.update_state(q, k, v, call, inv_freq)
+    assert any("did not see the queries" in r.getMessage() for r in caplog.records)
+    assert state.done == [5, 4]
+    for b, start in enumerate(starts.tolist()):
+        for c in range(state.done[b]):
+            pos = torch.arange(start + 8 * c, start + 8 * c + 8)
+            unseen = start + 8 * c < 10
+            chunk_q = k[b, :, pos].repeat_interleave(2, 0) if unseen else q[b, :, pos - 10]
+            expected = chunk_representatives(chunk_q[None], k[b:b + 1, :, pos], v[b:b + 1, :, pos], torch.tensor([c]),
+                                             8, inv_freq, 0.3, None)[0]
+            torch.testing.assert_close(state.reps[b, :, c], expected, **TOL)
+
+
 # --- exactness when everything fits ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("softcap", [None, 20.0])
@@ -425,30 +450,68 @@ def test_cli_refuses_longheads_on_a_model_whose_rope_it_cannot_honour():
 
 # --- the selection kernel -------------------------------------------------------------------------------------------
 
-SELECT_CASES = [  # (q_len, k_len, block_size_q, per query head)
-    (70, 70, 4, False),  # prefill; the padded row's blocks straddle chunk boundaries
-    (1, 90, 1, False),  # decode
-    (9, 77, 4, True),  # a chunked-prefill call, one selection per query head
-    (40, 100, 8, False),
+SELECT_CASES = [  # (q_len, k_len, block_size_q, per query head, chunk_size, kernel's query tile)
+    (70, 70, 4, False, 8, 16),  # prefill; the padded row's blocks straddle chunk boundaries
+    (1, 90, 1, False, 8, 16),  # decode
+    (9, 77, 4, True, 8, 16),  # a chunked-prefill call, one selection per query head
+    (40, 100, 8, False, 8, 16),
+    (200, 260, 32, False, 32, 16),  # two query tiles a block
 ]
 
 
-@pytest.mark.parametrize("case", SELECT_CASES, ids=["prefill", "decode", "chunked-per-head", "block8"])
+@pytest.mark.parametrize("case", SELECT_CASES, ids=["prefill", "decode", "chunked-per-head", "block8", "two-tiles"])
 def test_selection_kernel_matches_reference(case):
     from hf_longattn.kernels.longheads_chunks import select_layout_reference, select_layout_triton
 
-    q_len, k_len, block, per_head = case
+    q_len, k_len, block, per_head, chunk_size, block_m = case
     device = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET=1 on CPU (tests/conftest.py)
     gen = torch.Generator().manual_seed(q_len)
     query, reps = torch.randn(2, 4, q_len, 16, generator=gen), torch.randn(2, 4, 16, 16, generator=gen)
     start, inv_freq = torch.tensor([0, 5]), layer_inv_freq(make_model("llama").config, 0)
     options = dict(k_len=k_len, first_block=1 if q_len > 8 else 0, n_blocks=(q_len - 1) // block, block_size_q=block,
-                   chunk_size=8, num_chunks=6, scale=0.3, heads=4 if per_head else 2)
+                   chunk_size=chunk_size, num_chunks=6, scale=0.3, heads=4 if per_head else 2)
     options["n_blocks"] = max(options["n_blocks"], 1)
     expected = select_layout_reference(query, reps, start, inv_freq, **options)
-    got = select_layout_triton(query.to(device), reps.to(device), start.to(device), inv_freq, **options)
+    got = select_layout_triton(query.to(device), reps.to(device), start.to(device), inv_freq, block_m=block_m,
+                               **options)
     for name, value in expected.items():
         assert torch.equal(got[name].cpu().long(), value.long()), name
+    assert (expected["delta"] != 0).any()  # chunks moved: the case selects
+
+
+# --- the representatives kernel -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
+def test_representatives_kernel_matches_reference(softcap):
+    """Chunks read as the method reads them (strided views of [H, L, D] rows), a chunk size that is not a power of 2."""
+    from hf_longattn.kernels.longheads_chunks import chunk_representatives_reference, chunk_representatives_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # TRITON_INTERPRET=1 on CPU (tests/conftest.py)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(heads, 36, 16, generator=gen) for heads in (4, 2, 2))
+    views = [x.unflatten(1, (3, 12)).transpose(0, 1) for x in (q, k, v)]  # 3 chunks of 12: [3, H, 12, D]
+    chunk_index, inv_freq = torch.tensor([2, 3, 4]), layer_inv_freq(make_model("llama").config, 0)
+    expected = chunk_representatives_reference(*views, chunk_index, 12, inv_freq, 0.3, softcap)
+    got = chunk_representatives_triton(*(x.to(device) for x in views), chunk_index.to(device), 12, inv_freq, 0.3,
+                                       softcap)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_representatives_kernel_in_bf16_on_gpu_matches_reference():
+    """Llama-3-8B's heads, chunks of 256 (the interpreter's bf16 dots are wrong: only the GPU checks bf16)."""
+    from hf_longattn.kernels.longheads_chunks import chunk_representatives_reference, chunk_representatives_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(32, 64 * 256, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(8, 64 * 256, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    views = [x.unflatten(1, (64, 256)).transpose(0, 1) for x in (q, k, v)]
+    chunk_index = torch.arange(100, 164, device="cuda")
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, device="cuda") / 128)
+    got = chunk_representatives_triton(*views, chunk_index, 256, inv_freq, 128**-0.5, None)
+    expected = chunk_representatives_reference(*(x.float() for x in views), chunk_index, 256, inv_freq, 128**-0.5, None)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
 # --- the one-launch decode step -------------------------------------------------------------------------------------

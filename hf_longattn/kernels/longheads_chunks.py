@@ -11,6 +11,9 @@ Representatives (`chunk_representatives`, computed once per completed chunk): th
 those keys represents the chunk. The keys are read in the chunk's own frame (turned back by the chunk's start
 position) and a query is turned back by its own position before the dot product, as the paper scores an un-rotated
 query against chunk-local keys. Positions are counted from the row's first real key, as `generate()` numbers them.
+`chunk_representatives_reference` states it in PyTorch; `chunk_representatives_triton` reads each chunk's keys and
+values once per query head and keeps only the column means of the attention probabilities (the mean output is those
+times the values) (longheads_reps_kernel.py); `chunk_representatives` dispatches (Triton on CUDA).
 
 Layout (`chunk_layout`): each (row, head, query block) gets a compact key sequence of ``m + 1`` chunk slots: the far
 chunks (first + selected, ascending) right-aligned in the first ``m - 2`` slots, then three slots copying the local
@@ -21,8 +24,8 @@ chunks fit, which is then exact dense attention).
 
 `select_layout_reference` composes the steps in PyTorch (`block_geometry`, `select_chunks`, `chunk_layout`);
 `select_layout_triton` runs all of them for one (row, head, query block) in one Triton program
-(longheads_select_kernel.py, imported on first use); `select_layout` dispatches: Triton on CUDA, the reference
-elsewhere. Both break score ties towards the lower chunk.
+(longheads_select_kernel.py, imported on first use); `select_layout` dispatches (Triton on CUDA, the reference
+elsewhere) in rounds of bounded memory. Both break score ties towards the lower chunk.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ import torch
 
 from ..rope import rotate
 from .dense import dense_attention
-from .ops import HAS_TRITON
+from .ops import HAS_TRITON, on_device
 
 # Slots after the far chunks: the previous, own and (for a block that straddles a boundary) next chunk.
 LOCAL_SLOTS = 3
+# Score elements (float32) a selection holds at once, and the query rows of a tile of the selection kernel.
+_SELECT_SCORES = 1 << 24
+SELECT_BLOCK_M = 128
 
 
-def chunk_representatives(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
+def chunk_representatives_reference(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
                           softcap: float | None) -> torch.Tensor:
     """[P, Hq, D] float32 representative keys (chunk-local frame) of P chunks.
 
@@ -51,6 +57,40 @@ def chunk_representatives(query, key, value, chunk_index, chunk_size: int, inv_f
     summary = summary.view(pairs, num_kv_heads, num_q_heads // num_kv_heads, dim)
     weights = torch.softmax(scale * torch.einsum("pkgd,pkld->pkgl", summary, local), dim=-1)
     return torch.einsum("pkgl,pkld->pkgd", weights, local).reshape(pairs, num_q_heads, dim)
+
+
+def chunk_representatives_triton(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
+                                 softcap: float | None, block_m: int = 128, num_warps: int = 8) -> torch.Tensor:
+    """Same as the reference, one Triton program per (chunk, key/value head) (longheads_reps_kernel.py)."""
+    import triton
+
+    from .longheads_reps_kernel import chunk_representatives_kernel
+    from .triton_prefill import dot_precision
+
+    pairs, num_q_heads, length, dim = query.shape
+    num_kv_heads = key.shape[1]
+    if length != chunk_size or dim % 2 or inv_freq.numel() != dim // 2:
+        raise ValueError(f"chunk_representatives takes whole chunks of {chunk_size} and the layer's {dim // 2} "
+                         f"frequencies; got query {tuple(query.shape)}, {inv_freq.numel()} frequencies")
+    out = torch.empty(pairs, num_q_heads, dim, dtype=torch.float32, device=query.device)
+    l_pad = max(triton.next_power_of_2(chunk_size), 16)
+    with on_device(query):
+        chunk_representatives_kernel[(pairs, num_kv_heads)](
+            query, key, value, chunk_index.to(torch.int32).contiguous(),
+            inv_freq.to(device=query.device, dtype=torch.float32).contiguous(), out,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(), chunk_size, scale, softcap or 0.0,
+            G=num_q_heads // num_kv_heads, HALF=dim // 2, HALF_P2=max(triton.next_power_of_2(dim // 2), 16),
+            L_PAD=l_pad, BLOCK_M=min(block_m, l_pad), SOFTCAP=softcap is not None,
+            PRECISION=dot_precision(query.dtype), num_warps=num_warps,
+        )
+    return out
+
+
+def chunk_representatives(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
+                          softcap: float | None) -> torch.Tensor:
+    """Dispatch: the Triton kernel for CUDA tensors (when triton is installed), the reference otherwise."""
+    run = chunk_representatives_triton if HAS_TRITON and query.is_cuda else chunk_representatives_reference
+    return run(query, key, value, chunk_index, chunk_size, inv_freq, scale, softcap)
 
 
 def block_geometry(first_query: torch.Tensor, last_query: torch.Tensor, row_start: torch.Tensor, chunk_size: int,
@@ -158,40 +198,50 @@ def select_layout_reference(query, reps, row_start, inv_freq, k_len: int, first_
 
 def select_layout_triton(query, reps, row_start, inv_freq, k_len: int, first_block: int, n_blocks: int,
                          block_size_q: int, chunk_size: int, num_chunks: int, scale: float, heads: int,
-                         block_m: int = 64, block_c: int = 64, num_warps: int = 4) -> dict:
+                         block_m: int = SELECT_BLOCK_M, block_c: int = 64, num_warps: int = 4) -> dict:
     """Same as the reference, one Triton program per (row, pattern head, query block)."""
     import triton
 
     from .longheads_select_kernel import select_layout_kernel
+    from .triton_prefill import dot_precision
 
     batch, num_q_heads, q_len, dim = query.shape
     device = query.device
     rows, slots = batch * heads * n_blocks, num_chunks + 1
     group = num_q_heads // heads
     c_pad = triton.next_power_of_2(max(reps.shape[2], 16))
-    half_p2 = max(triton.next_power_of_2(dim // 2), 8)
+    half_p2 = max(triton.next_power_of_2(dim // 2), 16)  # tl.dot needs 16 at least
     block_m = max(16, min(block_m, triton.next_power_of_2(block_size_q)))
     if dim >= 128:  # a query tile and a representative tile of 128-dim rows: smaller tiles, more warps (registers)
         block_c, num_warps = min(block_c, 32), max(num_warps, 8)
-    scores = torch.empty(rows, c_pad, dtype=torch.float32, device=device)
-    lse = torch.empty(rows, group * block_size_q, dtype=torch.float32, device=device)
+    scores = torch.empty(rows, group * triton.cdiv(block_size_q, block_m) * c_pad, dtype=torch.float32, device=device)
     src = torch.empty(rows, slots, dtype=torch.int32, device=device)
     delta = torch.empty_like(src)
     kv_start = torch.empty(rows, dtype=torch.int32, device=device)
     q_offset = torch.empty_like(kv_start)
-    select_layout_kernel[(n_blocks, batch * heads)](
-        query, reps, row_start.to(torch.int32), inv_freq.to(device=device, dtype=torch.float32), scores, lse, src,
-        delta, kv_start, q_offset, *query.stride(), *reps.stride(), q_len, k_len, first_block, n_blocks, heads,
-        chunk_size, scale, G=group, BQ=block_size_q, M=num_chunks, HALF=dim // 2, HALF_P2=half_p2, BLOCK_M=block_m,
-        BLOCK_C=block_c, C_PAD=c_pad, F_PAD=triton.next_power_of_2(num_chunks), ROWS_PAD=group * block_size_q,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
-    )
+    with on_device(query):
+        select_layout_kernel[(n_blocks, batch * heads)](
+            query, reps, row_start.to(torch.int32), inv_freq.to(device=device, dtype=torch.float32), scores, src,
+            delta, kv_start, q_offset, *query.stride(), *reps.stride(), q_len, k_len, first_block, n_blocks, heads,
+            chunk_size, scale, G=group, BQ=block_size_q, M=num_chunks, HALF=dim // 2, HALF_P2=half_p2,
+            BLOCK_M=block_m, BLOCK_C=block_c, C_PAD=c_pad, F_PAD=triton.next_power_of_2(num_chunks),
+            PRECISION=dot_precision(query.dtype), num_warps=num_warps,
+        )
     shape = (batch, heads, n_blocks)
     return {"src_start": src.view(*shape, slots), "delta": delta.view(*shape, slots), "kv_start": kv_start.view(shape),
             "q_offset": q_offset.view(shape)}
 
 
-def select_layout(query, reps, row_start, inv_freq, **options) -> dict:
-    """Dispatch: the Triton kernel for CUDA tensors (when triton is installed), the reference otherwise."""
-    run = select_layout_triton if HAS_TRITON and query.is_cuda else select_layout_reference
-    return run(query, reps, row_start, inv_freq, **options)
+def select_layout(query, reps, row_start, inv_freq, first_block: int, n_blocks: int, **options) -> dict:
+    """Dispatch: the Triton kernel for CUDA tensors (when triton is installed), the reference otherwise; each in rounds
+    of query blocks whose scores stay within _SELECT_SCORES elements (every query's for the reference, every query
+    tile's for the kernel)."""
+    use_triton = HAS_TRITON and query.is_cuda
+    run = select_layout_triton if use_triton else select_layout_reference
+    batch, num_q_heads = query.shape[:2]
+    block = options["block_size_q"]
+    rows = -(-block // SELECT_BLOCK_M) if use_triton else block
+    per_round = max(1, _SELECT_SCORES // (batch * num_q_heads * rows * max(reps.shape[2], 1)))
+    parts = [run(query, reps, row_start, inv_freq, first_block=j0, n_blocks=min(per_round, first_block + n_blocks - j0),
+                 **options) for j0 in range(first_block, first_block + n_blocks, per_round)]
+    return parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts], dim=2) for name in parts[0]}

@@ -1,8 +1,9 @@
 """The Triton kernel of LongHeads' chunk selection and layout; longheads_chunks.py holds the description, the PyTorch
 reference (`select_layout_reference`) and the launcher (`select_layout_triton`). One program = one (row, pattern head,
-query block): its geometry, the scores of the candidate chunks (queries turned back by their positions in registers,
-two passes: each query's log-sum-exp over the candidates, then the best probability per chunk over the block's
-queries and heads), the top chunks by repeated argmax, and the slots of the compact key sequence.
+query block): its geometry, the scores of the candidate chunks (per tile of one head's queries, turned back by their
+positions once, two sweeps over the candidates: each query's log-sum-exp, then each chunk's best log-probability over
+the tile, stored in a scratch row of its own: no atomics, no read back inside the loops), the best over the tiles and
+heads, the top chunks by repeated argmax, and the slots of the compact key sequence.
 """
 
 import triton
@@ -12,34 +13,39 @@ from .longheads_gather_kernel import cos_sin
 
 
 @triton.jit
-def _local_queries(Q, q_base, t, p, live, row_start, inv_freq, f, stride_ql, stride_qd, HALF: tl.constexpr,
-                   HALF_P2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """[BLOCK_M, 2 * HALF_P2]: the queries at rows t (positions p) turned back by (p - row_start), their two halves
-    interleaved (the representatives are read with the same interleaving, so the dot product is unchanged)."""
+def _local_queries(Q, REPS, q_base, t, p, live, row_start, inv_freq, f, stride_ql, stride_qd, HALF: tl.constexpr):
+    """The two halves ([BLOCK_M, HALF_P2] each) of the queries at rows t (positions p), turned back by
+    (p - row_start) in float32, in the representatives' dtype (float32 scores, or bfloat16 ones for speed)."""
     mask = live[:, None] & (f[None, :] < HALF)
     ptrs = Q + q_base + t[:, None].to(tl.int64) * stride_ql
     q1 = tl.load(ptrs + f[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(ptrs + (f[None, :] + HALF) * stride_qd, mask=mask, other=0.0).to(tl.float32)
     cos, sin = cos_sin(-(p - row_start).to(tl.float32)[:, None] * inv_freq[None, :])
-    return tl.reshape(tl.join(q1 * cos - q2 * sin, q2 * cos + q1 * sin), [BLOCK_M, 2 * HALF_P2])
+    dtype = REPS.dtype.element_ty
+    return (q1 * cos - q2 * sin).to(dtype), (q2 * cos + q1 * sin).to(dtype)
 
 
 @triton.jit
-def _rep_tile(REPS, rep_base, c, c_ok, d, stride_rc, stride_rd, HALF: tl.constexpr, HALF_P2: tl.constexpr):
-    """[2 * HALF_P2, BLOCK_C]: representatives of chunks c, transposed, in the interleaved layout of the queries."""
-    col = (d % 2) * HALF + d // 2
-    ptrs = REPS + rep_base + c[None, :].to(tl.int64) * stride_rc + col[:, None] * stride_rd
-    return tl.load(ptrs, mask=c_ok[None, :] & (d[:, None] // 2 < HALF), other=0.0)
+def _scores(qa, qb, REPS, rep_base, c, c_ok, f, stride_rc, stride_rd, scale, HALF: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_C]: scale * query . representative for chunks c, one dot per half of the head dimension (each
+    half of a representative is a contiguous read)."""
+    ptrs = REPS + rep_base + c[None, :].to(tl.int64) * stride_rc + f[:, None] * stride_rd
+    mask = c_ok[None, :] & (f[:, None] < HALF)
+    r1 = tl.load(ptrs, mask=mask, other=0.0)
+    r2 = tl.load(ptrs + HALF * stride_rd, mask=mask, other=0.0)
+    s = tl.dot(qa, r1, input_precision=PRECISION) + tl.dot(qb, r2, input_precision=PRECISION)
+    return scale * s
 
 
 # Lengths change at every decode step: specialising on them would recompile the kernel each time.
 @triton.jit(do_not_specialize=["q_len", "k_len", "first_block", "n_blocks"])
 def select_layout_kernel(
-    Q, REPS, START, INV_FREQ, SCORES, LSE, SRC, DELTA, KV_START, Q_OFFSET,
+    Q, REPS, START, INV_FREQ, SCORES, SRC, DELTA, KV_START, Q_OFFSET,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_rb, stride_rh, stride_rc, stride_rd,
     q_len, k_len, first_block, n_blocks, num_heads, chunk_size, scale,
     G: tl.constexpr, BQ: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, C_PAD: tl.constexpr, F_PAD: tl.constexpr, ROWS_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, C_PAD: tl.constexpr, F_PAD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     jb = tl.program_id(0)
@@ -68,12 +74,10 @@ def select_layout_kernel(
     if (n_cand > n_select) & (n_select > 0):
         f = tl.arange(0, HALF_P2)
         inv_freq = tl.load(INV_FREQ + f, mask=f < HALF, other=0.0)
-        d = tl.arange(0, 2 * HALF_P2)
         t_off = tl.arange(0, BLOCK_M)
         c_off = tl.arange(0, BLOCK_C)
-        lse_base = LSE + row * ROWS_PAD
-        score_base = SCORES + row * C_PAD
-        # Pass 1: each live query's log-sum-exp over the candidates.
+        T_TILES: tl.constexpr = (BQ + BLOCK_M - 1) // BLOCK_M
+        score_base = SCORES + row * (G * T_TILES * C_PAD)  # [G * T_TILES, C_PAD] of this program
         for g in range(G):
             q_base = b.to(tl.int64) * stride_qb + (h * G + g).to(tl.int64) * stride_qh
             rep_base = b.to(tl.int64) * stride_rb + (h * G + g).to(tl.int64) * stride_rh
@@ -81,42 +85,29 @@ def select_layout_kernel(
                 t = t0 + t_off
                 p = p0 + t
                 live = (t < BQ) & (p >= start) & (p < k_len)
-                q = _local_queries(Q, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
-                                   stride_qd, HALF, HALF_P2, BLOCK_M)
+                qa, qb = _local_queries(Q, REPS, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
+                                        stride_qd, HALF)
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)
                 for c0 in range(1, lo, BLOCK_C):
                     c = c0 + c_off
-                    reps = _rep_tile(REPS, rep_base, c, c < lo, d, stride_rc, stride_rd, HALF, HALF_P2)
-                    s = scale * tl.dot(q, reps, input_precision=PRECISION)
+                    s = _scores(qa, qb, REPS, rep_base, c, c < lo, f, stride_rc, stride_rd, scale, HALF, PRECISION)
                     s = tl.where((c < lo)[None, :], s, float("-inf"))
                     m_new = tl.maximum(m_i, tl.max(s, axis=1))
                     l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
                     m_i = m_new
-                tl.store(lse_base + g * BQ + t, tl.where(live, m_i + tl.log(l_i), float("inf")), mask=t < BQ)
+                lse = tl.where(live, m_i + tl.log(l_i), float("inf"))
+                for c0 in range(1, lo, BLOCK_C):
+                    c = c0 + c_off
+                    s = _scores(qa, qb, REPS, rep_base, c, c < lo, f, stride_rc, stride_rd, scale, HALF, PRECISION)
+                    s = tl.where(live[:, None], s - lse[:, None], float("-inf"))
+                    tile_row = score_base + (g * T_TILES + t0 // BLOCK_M) * C_PAD
+                    tl.store(tile_row + c, tl.max(s, axis=0), mask=c < lo)
         tl.debug_barrier()
-        # Pass 2: per candidate chunk, the best log-probability over the block's live queries and heads.
-        for c0 in range(1, lo, BLOCK_C):
-            c = c0 + c_off
-            best = tl.full([BLOCK_C], float("-inf"), tl.float32)
-            for g in range(G):
-                q_base = b.to(tl.int64) * stride_qb + (h * G + g).to(tl.int64) * stride_qh
-                rep_base = b.to(tl.int64) * stride_rb + (h * G + g).to(tl.int64) * stride_rh
-                reps = _rep_tile(REPS, rep_base, c, c < lo, d, stride_rc, stride_rd, HALF, HALF_P2)
-                for t0 in range(0, BQ, BLOCK_M):
-                    t = t0 + t_off
-                    p = p0 + t
-                    live = (t < BQ) & (p >= start) & (p < k_len)
-                    q = _local_queries(Q, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
-                                       stride_qd, HALF, HALF_P2, BLOCK_M)
-                    lse = tl.load(lse_base + g * BQ + t, mask=t < BQ, other=float("inf"))
-                    s = scale * tl.dot(q, reps, input_precision=PRECISION) - lse[:, None]
-                    s = tl.where(live[:, None], s, float("-inf"))
-                    best = tl.maximum(best, tl.max(s, axis=0))
-            tl.store(score_base + c, best, mask=c < lo)
-        tl.debug_barrier()
+        x = tl.full([C_PAD], float("-inf"), tl.float32)
+        for part in range(G * T_TILES):
+            x = tl.maximum(x, tl.load(score_base + part * C_PAD + c_all, mask=candidate, other=float("-inf")))
         # Top n_select by repeated argmax (scores of non-candidates are -inf and never chosen).
-        x = tl.load(score_base + c_all, mask=candidate, other=float("-inf"))
         for _ in range(n_select):
             top = tl.max(x, axis=0)
             pick = tl.min(tl.where(x == top, c_all, C_PAD), axis=0)  # the lowest chunk among equal scores

@@ -205,38 +205,49 @@ class LongHeads(SparseMethod):
         return state
 
     def _add_representatives(self, state, query, key, value, total, call, inv_freq):
-        """Representatives of each row's chunks from state.done to total, in rounds of bounded size."""
+        """Representatives of each row's chunks from state.done to total, in rounds of bounded size. A row's chunks
+        are contiguous: their keys, values and this call's queries are read as views, not copied."""
         size = self.config.chunk_size
-        (batch, num_q_heads, q_len, dim), num_kv_heads, k_len = query.shape, key.shape[1], key.shape[2]
-        first_query, device = k_len - q_len, query.device
+        num_q_heads, q_len = query.shape[1], query.shape[2]
+        first_query = key.shape[2] - q_len
         known_from = max(state.seen_from, first_query - size)  # queries of earlier positions are not known
-        counts = torch.tensor([t - d for t, d in zip(total, state.done)])
         if max(total) > state.reps.shape[2]:
             grow = max(max(total), 2 * state.reps.shape[2]) - state.reps.shape[2]
             state.reps = torch.nn.functional.pad(state.reps, (0, 0, 0, grow))
-        rows = torch.repeat_interleave(torch.arange(batch), counts)
-        offsets = torch.arange(len(rows)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-        chunks = torch.tensor(state.done).repeat_interleave(counts) + offsets
-        first_start = min(s + d * size for s, d, n in zip(state.starts, state.done, counts.tolist()) if n)
-        if first_start < known_from:
+        if any(s + d * size < known_from for s, d, t in zip(state.starts, state.done, total) if t > d):
             from ..attention import warn_once
 
             warn_once("hf_longattn: longheads did not see the queries of some chunks (the layer's state was lost, "
                       "e.g. by a cache rolled back); their representatives use the chunk's keys as queries")
-        starts = torch.tensor(state.starts, device=device)
-        per_round = max(1, _round_elements(device) // (num_q_heads * size * max(size, dim)))
-        for i in range(0, len(rows), per_round):
-            r, c = rows[i:i + per_round].to(device), chunks[i:i + per_round].to(device)
-            pos = (starts[r] + c * size).unsqueeze(-1) + torch.arange(size, device=device)  # [P, L]
-            k = key[r.unsqueeze(-1), :, pos].transpose(1, 2)  # [P, Hkv, L, D]
-            v = value[r.unsqueeze(-1), :, pos].transpose(1, 2)
-            q = query[r.unsqueeze(-1), :, (pos - first_query).clamp(min=0)].transpose(1, 2)
-            if first_start < first_query:  # chunks that began before this call: earlier queries from the ring
-                from_ring = state.ring[r.unsqueeze(-1), :, pos % size].transpose(1, 2)
-                q = torch.where((pos < first_query).view(-1, 1, size, 1), from_ring, q)
-                unseen = (pos[:, 0] < known_from).view(-1, 1, 1, 1)
-                q = torch.where(unseen, k.repeat_interleave(num_q_heads // num_kv_heads, dim=1).to(q.dtype), q)
-            state.reps[r, :, c] = chunk_representatives(q, k, v, c, size, inv_freq, call.scale, call.softcap)
+        per_round = max(1, _round_elements(query.device) // (num_q_heads * size * max(size, query.shape[3])))
+        for b, (start, done, end) in enumerate(zip(state.starts, state.done, total)):
+            for c0 in range(done, end, per_round):
+                c1 = min(c0 + per_round, end)
+                p0, p1 = start + c0 * size, start + c1 * size
+                unseen_end = min(max(p0, start + -(-(known_from - start) // size) * size), p1)  # whole chunks
+                q = self._queries(state, query, key, b, p0, p1, first_query, unseen_end)
+                k, v = key[b, :, p0:p1], value[b, :, p0:p1]
+                chunked = [x.unflatten(1, (c1 - c0, size)).transpose(0, 1) for x in (q, k, v)]  # [n, H, L, D]
+                chunk_index = torch.arange(c0, c1, device=query.device)
+                state.reps[b, :, c0:c1] = chunk_representatives(*chunked, chunk_index, size, inv_freq, call.scale,
+                                                                call.softcap).transpose(0, 1)
+
+    @staticmethod
+    def _queries(state, query, key, b, p0: int, p1: int, first_query: int, unseen_end: int) -> torch.Tensor:
+        """[Hq, p1 - p0, D]: the queries of row b's chunks at positions p0..p1. Chunks before unseen_end have keys
+        standing in for their queries (the state never saw them); then queries of earlier calls come from the ring of
+        the last chunk_size queries, and this call's are a view."""
+        parts, size = [], state.ring.shape[2]
+        if unseen_end > p0:
+            group = query.shape[1] // key.shape[1]
+            parts.append(key[b, :, p0:unseen_end].repeat_interleave(group, dim=0).to(query.dtype))
+        ring_from = max(p0, unseen_end)
+        if ring_from < first_query:
+            parts.append(state.ring[b][:, torch.arange(ring_from, min(p1, first_query), device=query.device) % size])
+        query_from = max(ring_from, first_query)
+        if query_from < p1:
+            parts.append(query[b, :, query_from - first_query: p1 - first_query])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     @staticmethod
     def _follow_reordered_rows(state: ChunkState, key: torch.Tensor) -> None:
@@ -256,38 +267,32 @@ class LongHeads(SparseMethod):
         c = self.config
         size, num_chunks = c.chunk_size, cap // c.chunk_size
         batch, num_q_heads, q_len, dim = query.shape
-        num_kv_heads, k_len = key.shape[1], key.shape[2]
-        heads = num_kv_heads if c.shared_kv_heads else num_q_heads
+        k_len, device = key.shape[2], query.device
+        heads = key.shape[1] if c.shared_kv_heads else num_q_heads
         group = num_q_heads // heads
-        device, reps = query.device, state.reps
         block = min(c.block_size_q, q_len)
         n_blocks = -(-q_len // block)
         slots = num_chunks - 2 + LOCAL_SLOTS  # far chunks, then the local region
-        per_block = heads * slots * size * dim + num_q_heads * block * max(reps.shape[2], dim)
-        per_round = max(1, _round_elements(device) // (batch * per_block))
+        per_round = max(1, _round_elements(device) // (batch * heads * slots * size * dim))  # compact keys of a round
 
-        out = query.new_empty(batch, q_len, num_q_heads, dim) if n_blocks > per_round else None
+        layout = select_layout(query, state.reps, state.row_start, inv_freq, k_len=k_len, first_block=0,
+                               n_blocks=n_blocks, block_size_q=block, chunk_size=size, num_chunks=num_chunks,
+                               scale=call.scale, heads=heads)
+        # Query blocks in the order of `out`: each round writes its blocks there in one copy.
+        out = query.new_empty(batch, n_blocks, block, heads, group, dim)
+        q = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * block - q_len)) if q_len % block else query
         for j0 in range(0, n_blocks, per_round):
             nb = min(per_round, n_blocks - j0)
-            q0, q1 = j0 * block, min((j0 + nb) * block, q_len)
-            layout = select_layout(query, reps, state.row_start, inv_freq, k_len=k_len, first_block=j0, n_blocks=nb,
-                                   block_size_q=block, chunk_size=size, num_chunks=num_chunks, scale=call.scale,
-                                   heads=heads)
+            part = {name: t[:, :, j0:j0 + nb] for name, t in layout.items()}
             rows = batch * heads * nb
-            keys, values = gather_rotate(key, value, layout["src_start"], layout["delta"], size, inv_freq)
-            q = query[:, :, q0:q1]
-            if q1 - q0 < nb * block:
-                q = torch.nn.functional.pad(q, (0, 0, 0, nb * block - (q1 - q0)))
-            q_rows = q.reshape(batch, heads, group, nb, block, dim).transpose(2, 3).reshape(rows, group, block, dim)
+            keys, values = gather_rotate(key, value, part["src_start"], part["delta"], size, inv_freq)
+            q_rows = q[:, :, j0 * block:(j0 + nb) * block].reshape(batch, heads, group, nb, block, dim)
+            q_rows = q_rows.transpose(2, 3).reshape(rows, group, block, dim)
             pattern = self._covering_pattern(rows, block, slots * size, device)
             o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
-                                 kv_start=layout["kv_start"].reshape(-1), q_offset=layout["q_offset"].reshape(-1))
-            o = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5)
-            o = o.reshape(batch, nb * block, num_q_heads, dim)[:, : q1 - q0]
-            if nb == n_blocks:  # one round: no copy into `out`
-                out = o
-            else:
-                out[:, q0:q1] = o
+                                 kv_start=part["kv_start"].reshape(-1), q_offset=part["q_offset"].reshape(-1))
+            out[:, j0:j0 + nb] = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5)
+        out = out.view(batch, n_blocks * block, num_q_heads, dim)[:, :q_len]
         if call.kv_start is not None and q_len > 1:  # queries on left padding see no key: 0, as dense gives
             positions = torch.arange(k_len - q_len, k_len, device=device)
             out = out.masked_fill((positions < state.row_start.view(-1, 1)).view(batch, q_len, 1, 1), 0)
