@@ -479,6 +479,16 @@ def test_selection_kernel_matches_reference(case):
     assert (expected["delta"] != 0).any()  # chunks moved: the case selects
 
 
+def test_the_kernels_chunk_vector_does_not_grow_with_the_state_up_to_128k():
+    """A state's capacity doubles as chunks complete (32, 64, ... 512 chunks of 256 up to 128K); the kernels' vector
+    of chunks is a compile-time size, and one that followed the capacity recompiled them at each doubling (several
+    seconds of a chunked 128K prefill on the H200)."""
+    from hf_longattn.kernels.longheads_chunks import chunk_pad
+
+    assert {chunk_pad(n) for n in (1, 32, 64, 300, 512)} == {512}
+    assert all(chunk_pad(n) >= n and chunk_pad(n) & (chunk_pad(n) - 1) == 0 for n in (513, 1000, 4096, 5000))
+
+
 # --- the representatives kernel -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])

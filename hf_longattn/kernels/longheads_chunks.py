@@ -41,6 +41,15 @@ LOCAL_SLOTS = 3
 # Score elements (float32) a selection holds at once, and the query rows of a tile of the selection kernel.
 _SELECT_SCORES = 1 << 24
 SELECT_BLOCK_M = 128
+# The kernels hold a row's chunk scores in a power-of-2 vector, a compile-time size: at least this many (128K tokens in
+# chunks of 256), so that a state growing chunk by chunk (chunked prefill, decode) does not recompile the kernels at
+# each doubling of its capacity (about a second each on an H200's host).
+_MIN_CHUNK_PAD = 512
+
+
+def chunk_pad(num_chunks: int) -> int:
+    """The size of the kernels' vector of a row's chunks."""
+    return max(1 << max(num_chunks - 1, 0).bit_length(), _MIN_CHUNK_PAD)
 
 
 def chunk_representatives_reference(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
@@ -209,7 +218,7 @@ def select_layout_triton(query, reps, row_start, inv_freq, k_len: int, first_blo
     device = query.device
     rows, slots = batch * heads * n_blocks, num_chunks + 1
     group = num_q_heads // heads
-    c_pad = triton.next_power_of_2(max(reps.shape[2], 16))
+    c_pad = chunk_pad(reps.shape[2])
     half_p2 = max(triton.next_power_of_2(dim // 2), 16)  # tl.dot needs 16 at least
     block_m = max(16, min(block_m, triton.next_power_of_2(block_size_q)))
     if dim >= 128:  # a query tile and a representative tile of 128-dim rows: smaller tiles, more warps (registers)

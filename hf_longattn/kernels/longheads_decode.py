@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .dense import dense_attention
-from .longheads_chunks import select_layout_reference
+from .longheads_chunks import chunk_pad, select_layout_reference
 from .longheads_gather import gather_rotate_reference
 from .ops import HAS_TRITON, on_device
 from .workspace import arrival_counters, kept
@@ -61,7 +61,7 @@ def longheads_decode_triton(query, key, value, reps, row_start, inv_freq, *, chu
     g_sel = triton.next_power_of_2(group)
     d_pad = max(16, triton.next_power_of_2(dim))
     g_pad = max(16, g_sel)  # tl.dot needs 16 rows
-    c_pad = triton.next_power_of_2(max(reps.shape[2], 16))
+    c_pad = chunk_pad(reps.shape[2])
     programs = batch * heads * slots
     scores = kept(device, "longheads decode scores", programs * g_sel * c_pad, torch.float32)
     partials = kept(device, "decode partials", programs * g_pad * (d_pad + 1), torch.float32)

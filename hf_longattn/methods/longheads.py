@@ -270,7 +270,7 @@ class LongHeads(SparseMethod):
         k_len, device = key.shape[2], query.device
         heads = key.shape[1] if c.shared_kv_heads else num_q_heads
         group = num_q_heads // heads
-        block = min(c.block_size_q, q_len)
+        block = c.block_size_q  # also for a shorter call, padded: a block size per call length would recompile kernels
         n_blocks = -(-q_len // block)
         slots = num_chunks - 2 + LOCAL_SLOTS  # far chunks, then the local region
         per_round = max(1, _round_elements(device) // (batch * heads * slots * size * dim))  # compact keys of a round
