@@ -8,7 +8,7 @@ merges the slots' partial outputs (triton_decode._finish_split).
 import triton
 import triton.language as tl
 
-from .longheads_gather_kernel import cos_sin
+from .rope_kernel import cos_sin
 from .triton_decode import _finish_split
 from .triton_prefill import _load_kv, _scores, _softmax_step
 

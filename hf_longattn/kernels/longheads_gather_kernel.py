@@ -6,21 +6,7 @@ and f + D/2) turned by delta * inv_freq[f], values as they are, zeros where the 
 import triton
 import triton.language as tl
 
-# 2 pi in three parts (Cody-Waite): k * _TWO_PI_HI is exact for |k| < 2^15, so reducing an angle of a position up to
-# ~200K keeps it accurate to a few ulps, and sin/cos then see |x| <= pi (where even fast approximations are exact).
-_TWO_PI_HI = tl.constexpr(6.28125)
-_TWO_PI_MID = tl.constexpr(0.0019353071693331003)  # float32-exact
-_TWO_PI_LO = tl.constexpr(1.0253131677018246e-11)
-
-
-@triton.jit
-def cos_sin(angle):
-    """(cos, sin) of float32 angles of any size, as accurate as torch's on the same float32 angles."""
-    k = tl.floor(angle * 0.15915494309189535 + 0.5)
-    x = angle - k * _TWO_PI_HI
-    x = x - k * _TWO_PI_MID
-    x = x - k * _TWO_PI_LO
-    return tl.cos(x), tl.sin(x)
+from .rope_kernel import cos_sin, turn_halves
 
 
 # Lengths change at every decode step: specialising on them would recompile the kernel each time.
@@ -57,7 +43,8 @@ def gather_rotate_kernel(
     # Output rows are contiguous [R, 1, slots * chunk_size, 2 * HALF].
     out_row = (row.to(tl.int64) * slots * chunk_size + slot * chunk_size + t)[:, None] * (2 * HALF)
     store_mask = in_chunk[:, None] & f_ok[None, :]
-    tl.store(OUT_K + out_row + f[None, :], (k1 * cos - k2 * sin).to(OUT_K.dtype.element_ty), mask=store_mask)
-    tl.store(OUT_K + out_row + HALF + f[None, :], (k2 * cos + k1 * sin).to(OUT_K.dtype.element_ty), mask=store_mask)
+    t1, t2 = turn_halves(k1, k2, cos, sin)
+    tl.store(OUT_K + out_row + f[None, :], t1.to(OUT_K.dtype.element_ty), mask=store_mask)
+    tl.store(OUT_K + out_row + HALF + f[None, :], t2.to(OUT_K.dtype.element_ty), mask=store_mask)
     tl.store(OUT_V + out_row + f[None, :], v1, mask=store_mask)
     tl.store(OUT_V + out_row + HALF + f[None, :], v2, mask=store_mask)

@@ -9,7 +9,7 @@ keys and values are read once per head, nothing else touches memory.
 import triton
 import triton.language as tl
 
-from .longheads_gather_kernel import cos_sin
+from .rope_kernel import cos_sin, turn_halves
 
 
 @triton.jit
@@ -58,8 +58,7 @@ def chunk_representatives_kernel(
         s2 = tl.sum(mean_prob[:, None] * v2.to(tl.float32), axis=0)
         start = tl.load(CHUNK + p).to(tl.float32) * chunk_size
         cos, sin = cos_sin(-start * tl.load(INV_FREQ + f, mask=f < HALF, other=0.0))
-        l1 = k1.to(tl.float32) * cos[None, :] - k2.to(tl.float32) * sin[None, :]
-        l2 = k2.to(tl.float32) * cos[None, :] + k1.to(tl.float32) * sin[None, :]
+        l1, l2 = turn_halves(k1.to(tl.float32), k2.to(tl.float32), cos[None, :], sin[None, :])
         e = scale * (tl.sum(l1 * s1[None, :], axis=1) + tl.sum(l2 * s2[None, :], axis=1))
         e = tl.where(key_ok, e, float("-inf"))
         w = tl.exp(e - tl.max(e, axis=0))

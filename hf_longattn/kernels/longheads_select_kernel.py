@@ -9,7 +9,7 @@ heads, the top chunks by repeated argmax, and the slots of the compact key seque
 import triton
 import triton.language as tl
 
-from .longheads_gather_kernel import cos_sin
+from .rope_kernel import cos_sin, turn_halves
 
 
 @triton.jit
@@ -21,8 +21,8 @@ def _local_queries(Q, REPS, q_base, t, p, live, row_start, inv_freq, f, stride_q
     q1 = tl.load(ptrs + f[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(ptrs + (f[None, :] + HALF) * stride_qd, mask=mask, other=0.0).to(tl.float32)
     cos, sin = cos_sin(-(p - row_start).to(tl.float32)[:, None] * inv_freq[None, :])
-    dtype = REPS.dtype.element_ty
-    return (q1 * cos - q2 * sin).to(dtype), (q2 * cos + q1 * sin).to(dtype)
+    qa, qb = turn_halves(q1, q2, cos, sin)
+    return qa.to(REPS.dtype.element_ty), qb.to(REPS.dtype.element_ty)
 
 
 @triton.jit
