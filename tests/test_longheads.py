@@ -16,6 +16,7 @@ from hf_longattn.kernels import dense_attention
 from hf_longattn.kernels.longheads_chunks import chunk_representatives
 from hf_longattn.kernels.longheads_gather import gather_rotate_reference, gather_rotate_triton
 from hf_longattn.methods import AttentionCall
+import hf_longattn.kernels.longheads_chunks as longheads_chunks
 import hf_longattn.methods.longheads as LongHeadsModule
 from hf_longattn.methods.longheads import LongHeads, LongHeadsConfig
 from hf_longattn.rope import UnsupportedRopeError, layer_inv_freq, rotate
@@ -250,6 +251,7 @@ def _method_inputs(model, starts, q_len, k_len, seed=0):
 def test_method_matches_the_papers_algorithm_one_query_at_a_time(case, monkeypatch):
     if case["q_len"] == 72 and case.get("shared_kv_heads", True):  # rounds of one query block / one chunk each
         monkeypatch.setitem(LongHeadsModule._ROUND_ELEMENTS, "cpu", 1)
+        monkeypatch.setattr(longheads_chunks, "_SELECT_SCORES", 1)
     model = make_model("llama")  # Llama 3 scaled RoPE
     starts = torch.tensor([0, 5])
     options = dict(SMALL, shared_kv_heads=case.get("shared_kv_heads", True))
