@@ -249,8 +249,8 @@ def select_layout(query, reps, row_start, inv_freq, first_block: int, n_blocks: 
     run = select_layout_triton if use_triton else select_layout_reference
     batch, num_q_heads = query.shape[:2]
     block = options["block_size_q"]
-    rows = -(-block // SELECT_BLOCK_M) if use_triton else block
-    per_round = max(1, _SELECT_SCORES // (batch * num_q_heads * rows * max(reps.shape[2], 1)))
+    rows, width = (-(-block // SELECT_BLOCK_M), chunk_pad(reps.shape[2])) if use_triton else (block, reps.shape[2])
+    per_round = max(1, _SELECT_SCORES // (batch * num_q_heads * rows * max(width, 1)))
     parts = [run(query, reps, row_start, inv_freq, first_block=j0, n_blocks=min(per_round, first_block + n_blocks - j0),
                  **options) for j0 in range(first_block, first_block + n_blocks, per_round)]
     return parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts], dim=2) for name in parts[0]}
