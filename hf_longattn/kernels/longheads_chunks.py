@@ -53,7 +53,7 @@ def chunk_pad(num_chunks: int) -> int:
 
 
 def chunk_representatives_reference(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
-                          softcap: float | None) -> torch.Tensor:
+                                    softcap: float | None) -> torch.Tensor:
     """[P, Hq, D] float32 representative keys (chunk-local frame) of P chunks.
 
     query [P, Hq, L, D], key/value [P, Hkv, L, D] as cached (rotated at their absolute positions), chunk_index [P] the

@@ -13,16 +13,15 @@ from .rope_kernel import cos_sin, turn_halves
 
 
 @triton.jit
-def _local_queries(Q, REPS, q_base, t, p, live, row_start, inv_freq, f, stride_ql, stride_qd, HALF: tl.constexpr):
+def _local_queries(Q, q_base, t, p, live, row_start, inv_freq, f, stride_ql, stride_qd, HALF: tl.constexpr):
     """The two halves ([BLOCK_M, HALF_P2] each) of the queries at rows t (positions p), turned back by
-    (p - row_start) in float32, in the representatives' dtype (float32 scores, or bfloat16 ones for speed)."""
+    (p - row_start), in float32 as the representatives are."""
     mask = live[:, None] & (f[None, :] < HALF)
     ptrs = Q + q_base + t[:, None].to(tl.int64) * stride_ql
     q1 = tl.load(ptrs + f[None, :] * stride_qd, mask=mask, other=0.0).to(tl.float32)
     q2 = tl.load(ptrs + (f[None, :] + HALF) * stride_qd, mask=mask, other=0.0).to(tl.float32)
     cos, sin = cos_sin(-(p - row_start).to(tl.float32)[:, None] * inv_freq[None, :])
-    qa, qb = turn_halves(q1, q2, cos, sin)
-    return qa.to(REPS.dtype.element_ty), qb.to(REPS.dtype.element_ty)
+    return turn_halves(q1, q2, cos, sin)
 
 
 @triton.jit
@@ -85,7 +84,7 @@ def select_layout_kernel(
                 t = t0 + t_off
                 p = p0 + t
                 live = (t < BQ) & (p >= start) & (p < k_len)
-                qa, qb = _local_queries(Q, REPS, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
+                qa, qb = _local_queries(Q, q_base, p - (k_len - q_len), p, live, start, inv_freq, f, stride_ql,
                                         stride_qd, HALF)
                 m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
                 l_i = tl.zeros([BLOCK_M], tl.float32)

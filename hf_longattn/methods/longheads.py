@@ -136,7 +136,6 @@ class LongHeads(SparseMethod):
     def __init__(self, config: LongHeadsConfig):
         super().__init__(config)
         self._layers: dict = {}
-        self._patterns: dict = {}
 
     @staticmethod
     def check_model_config(config) -> None:
@@ -288,7 +287,7 @@ class LongHeads(SparseMethod):
             keys, values = gather_rotate(key, value, part["src_start"], part["delta"], size, inv_freq)
             q_rows = q[:, :, j0 * block:(j0 + nb) * block].reshape(batch, heads, group, nb, block, dim)
             q_rows = q_rows.transpose(2, 3).reshape(rows, group, block, dim)
-            pattern = self._covering_pattern(rows, block, slots * size, device)
+            pattern = window_pattern(rows, 1, block, block, size, 0, slots * size, device)  # covers each sequence
             o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
                                  kv_start=part["kv_start"].reshape(-1), q_offset=part["q_offset"].reshape(-1))
             out[:, j0:j0 + nb] = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5)
@@ -297,14 +296,6 @@ class LongHeads(SparseMethod):
             positions = torch.arange(k_len - q_len, k_len, device=device)
             out = out.masked_fill((positions < state.row_start.view(-1, 1)).view(batch, q_len, 1, 1), 0)
         return out
-
-    def _covering_pattern(self, rows: int, block: int, length: int, device):
-        """A pattern whose window covers a whole compact key sequence (cached: decode asks for the same one)."""
-        key = (rows, block, length, device)
-        if key not in self._patterns:
-            self._patterns.clear()
-            self._patterns[key] = window_pattern(rows, 1, block, block, self.config.chunk_size, 0, length, device)
-        return self._patterns[key]
 
 
 __all__ = ["LongHeads", "LongHeadsConfig"]
