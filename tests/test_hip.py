@@ -35,12 +35,14 @@ def _qk(batch=1, hq=4, hkv=2, q_len=48, k_len=48, dim=16, seed=0):
 def test_defaults_search_every_step_on_the_retrieval_budget_and_paper_preset_is_the_papers():
     c = HipConfig()
     assert (c.preset, c.k, c.window, c.refresh_interval) == ("retrieval", 2048, 1024, 1)
-    # 2 x 1024 groups in slices of 64: 32 slices, the fewest whose halves of 2-token blocks fit one 256-key tile.
-    assert (c.decode_oversample, c.decode_slices) == (2, 32)
+    # 2 x 1024 groups in slices of 16 (SLICE_GROUPS, the fastest on the H200).
+    assert (c.decode_oversample, c.decode_slices) == (2, 128)
     assert (c.block_size_q, c.query_stride, c.block_size_k, c.sink, c.score) == (64, 2, 2, 16, "probability")
     p = HipConfig(preset="paper")
     assert (p.k, p.window, p.refresh_interval, p.decode_oversample) == (512, 256, 8, 4)
-    assert p.decode_slices == 16
+    assert p.decode_slices == 64  # 4 x 256 groups
+    # Blocks of 16 tokens: 16 groups' halves would not fit one 256-key tile, so slices of 8 of the 2 x 128 groups.
+    assert HipConfig(k=2048, block_size_k=16).decode_slices == 256 // 8
     assert HipConfig(preset="paper", refresh_interval=1, k=256).refresh_interval == 1  # explicit options win
     assert HipConfig.from_options("hip", p.options()) == p  # options() round-trips
 
@@ -265,6 +267,25 @@ def test_triton_kernel_launch_settings_keep_the_selection(launch):
     q, k = _qk(1, 4, 2, 40, 40, 16, seed=3)
     expected = hip_mask_reference(q, k, **SMALL, k=8)
     got = hip_mask_triton(q.to(device), k.to(device), **SMALL, k=8, launch=launch)
+    assert torch.equal(got.block_counts.cpu(), expected.block_counts)
+    assert torch.equal(got.block_indices.cpu(), expected.block_indices)
+
+
+@pytest.mark.parametrize("launch", [{"tile_keys": 16, "merge_bits": 1}, {"tile_keys": 32, "merge_bits": 2},
+                                    {"merge_bits": 8}, {"merge_bits": 0}])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "all-tied"])
+def test_oversampled_decode_search_launch_settings_keep_the_selection(launch, ties):
+    # A decode search with the log-sum-exp estimate: tile_keys 16 spreads the estimate over many programs' partials
+    # (sink, window and samples in tiles of their own); merge_bits is the digit of the merge's radix select (0: a
+    # sort). With every key equal, every block ties and the merge must keep the lowest ones.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _qk(2, 4, 2, 1, 200, 16, seed=5)
+    if ties:
+        k = k[:, :, :1].expand_as(k).contiguous()
+    options = dict(SMALL, k=8, slices=3, oversample=3, q_offset=torch.tensor([150, 199]))
+    expected = hip_mask_reference(q, k, **options)
+    options["q_offset"] = options["q_offset"].to(device)
+    got = hip_mask_triton(q.to(device), k.to(device), **options, launch=launch)
     assert torch.equal(got.block_counts.cpu(), expected.block_counts)
     assert torch.equal(got.block_indices.cpu(), expected.block_indices)
 

@@ -32,8 +32,8 @@ empty); a key is visible to a query only if it exists (< Lk) and lies at or befo
 `hip_mask_reference` is the PyTorch statement of the algorithm; `hip_mask_triton` runs it in Triton
 (hip_mask_kernel.py, imported on first use so that importing the package does not import Triton and tests can still
 choose TRITON_INTERPRET=1): a search of many query blocks with one beam runs one program per (batch, head, query
-block), a sliced search one program per slice. Both break score ties towards the lower half index, so they agree
-exactly up to float rounding. `hip_mask` dispatches (Triton on CUDA, the reference elsewhere) and is a torch custom
+block), a sliced search one program per slice (after a kernel that estimates the log-sum-exp for all slices at
+once). Both break score ties towards the lower half index, so they agree exactly up to float rounding. `hip_mask` dispatches (Triton on CUDA, the reference elsewhere) and is a torch custom
 op under torch.compile.
 """
 from __future__ import annotations
@@ -95,6 +95,18 @@ def slice_layout(n_sel: int, slices: int) -> tuple[int, int]:
     """(groups per slice, number of slices): the n_sel groups in runs of ceil(n_sel / slices); the last may be short."""
     per_slice = -(-n_sel // max(1, min(slices, n_sel)))
     return per_slice, -(-n_sel // per_slice)
+
+
+# Groups per slice of a decode search by default: narrow slices give short rounds (each ranks 32 halves in registers)
+# and more programs. On the H200 at 128K the retrieval search took 63 us in slices of 16 groups, 167 us in the
+# fewest slices that fit a tile (64 groups each) (benchmarks/results/hip_decode_search_h200/).
+SLICE_GROUPS = 16
+
+
+def default_slices(n_sel: int, block_size_k: int) -> int:
+    """Slices of a decode search by default: SLICE_GROUPS groups each, or more when such a slice's halves do not fit
+    one tile."""
+    return max(fewest_slices(n_sel, block_size_k), -(-n_sel // SLICE_GROUPS))
 
 
 def fewest_slices(n_sel: int, block_size_k: int) -> int:
@@ -300,10 +312,11 @@ def hip_mask_reference(
 # programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log), "decode" for a
 # sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
 # stages: key tiles in flight while one is scored; transposed (beam kernel): score keys x queries instead of queries x
-# keys, which moves the max over the queries from across warps to within them.
+# keys, which moves the max over the queries from across warps to within them; merge_bits (decode): bits of the
+# survivors' scores that each pass of the oversampled merge's radix select settles.
 LAUNCH_SETTINGS = {
     "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2, "transposed": False},
-    "decode": {"tile_keys": 128, "num_warps": 4, "stages": 2},
+    "decode": {"tile_keys": 128, "num_warps": 4, "merge_bits": 2},
 }
 
 
@@ -322,8 +335,9 @@ def hip_mask_triton(
     """Same contract and result as `hip_mask_reference`, in Triton (hip_mask_kernel.py).
 
     A search in several slices, oversampled, or of a single query block whose beam fits one tile runs the sliced
-    kernel (one program per slice); any other the beam kernel (one program per query block). ``launch`` overrides
-    `LAUNCH_SETTINGS` for tuning: ``tile_keys``, ``num_warps``, ``stages`` and (beam kernel) ``transposed``.
+    kernel (one program per slice; with score="probability" after hip_lse_kernel, which estimates the log-sum-exp for
+    all slices at once); any other the beam kernel (one program per query block). ``launch`` overrides
+    `LAUNCH_SETTINGS` for tuning.
     """
     from .triton_prefill import score_scaling  # Triton is imported on first use only
 
@@ -331,36 +345,45 @@ def hip_mask_triton(
     batch, num_q_heads, q_len, dim = query.shape
     sliced, grid, scratch, constants = _search_plan(
         batch, num_q_heads, key.shape[1], q_len, dim, query.dtype, k, block_size_q, block_size_k, query_stride,
-        shared_kv_heads, score, softcap is not None, kv_start is not None, q_offset is not None, slices, oversample,
-        tuple(sorted((launch or {}).items())))
+        sink, window, shared_kv_heads, score, softcap is not None, kv_start is not None, q_offset is not None, slices,
+        oversample, tuple(sorted((launch or {}).items())))
     device, heads, n_qb, n_sel = query.device, grid[1] // batch, -(-q_len // block_size_q), k // block_size_k
     ids = torch.empty(batch, heads, n_qb, n_sel, dtype=torch.int32, device=device)
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
     if not ids.numel():
         return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
-    from .hip_mask_kernel import hip_mask_kernel, hip_slice_kernel
+    from .hip_mask_kernel import hip_lse_kernel, hip_mask_kernel, hip_slice_kernel
 
+    strides = (*query.stride(), *key.stride())
+    common = (query, key, counts if kv_start is None else kv_start.to(device),
+              counts if q_offset is None else q_offset.to(device))
+    sizes = (q_len, key.shape[2], heads, n_qb, sink, window,
+             *score_scaling(dim**-0.5 if scale is None else scale, softcap))
     if not sliced:  # the beam kernel's per-program scratch (prefill: large, and a prefill is not launch-bound)
-        buffers, kernel = [torch.empty(size, dtype=dtype, device=device) for size, dtype in scratch], hip_mask_kernel
-    elif scratch:  # oversampled slices: their survivors, and arrival counters for the last one to merge them
-        (survivors, _), (programs, _) = scratch
-        buffers = [kept(device, "hip survivors", survivors, torch.int32),
-                   kept(device, "hip survivor scores", survivors, torch.float32), arrival_counters(device, programs)]
-        kernel = hip_slice_kernel
-    else:
-        buffers, kernel = [counts, counts, counts], hip_slice_kernel  # not read
-    kernel[grid](
-        query, key, counts if kv_start is None else kv_start.to(device),
-        counts if q_offset is None else q_offset.to(device), ids, counts, *buffers,
-        *query.stride(), *key.stride(), q_len, key.shape[2], heads, n_qb, sink, window,
-        *score_scaling(dim**-0.5 if scale is None else scale, softcap), **constants)
+        buffers = [torch.empty(size, dtype=dtype, device=device) for size, dtype in scratch]
+        hip_mask_kernel[grid](*common, ids, counts, *buffers, *strides, *sizes, **constants)
+        return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
+    survivors, programs, lse = scratch
+    # Oversampled slices: their survivors, and arrival counters for the last one to merge them (else not read).
+    buffers = ([kept(device, "hip survivors", survivors, torch.int32),
+                kept(device, "hip survivor scores", survivors, torch.float32), arrival_counters(device, programs)]
+               if survivors else [counts] * 3)
+    lse_partials = counts  # not read without the estimate
+    if lse is not None:  # the log-sum-exp estimate, in parallel for all slices (hip_lse_kernel)
+        lse_grid, lse_size, lse_constants = lse
+        lse_partials = kept(device, "hip lse partials", lse_size, torch.float32)
+        hip_lse_kernel[lse_grid](*common, lse_partials, *strides, *sizes, **lse_constants)
+    hip_slice_kernel[grid](*common, ids, counts, *buffers, lse_partials, *strides, *sizes, **constants)
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 
 
 @functools.lru_cache(maxsize=256)
 def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_size_q, block_size_k, query_stride,
-                 shared_kv_heads, score, has_softcap, has_kv_start, has_q_offset, slices, oversample, launch):
-    """(sliced, grid, scratch [(numel, dtype)], kernel constants) of a search; the same at every decode step."""
+                 sink, window, shared_kv_heads, score, has_softcap, has_kv_start, has_q_offset, slices, oversample,
+                 launch):
+    """(sliced, grid, scratch, kernel constants) of a search; the same at every decode step. scratch: the beam
+    kernel's per-program buffers [(numel, dtype)], or for the sliced kernel (survivors' numel, programs, the log-sum-exp
+    kernel's (grid, partials' numel, constants) or None)."""
     heads, per_head = _head_layout(num_q_heads, num_kv_heads, shared_kv_heads)
     n_keep, n_qb = k // block_size_k, -(-q_len // block_size_q)
     n_sel = n_keep * oversample  # groups searched
@@ -375,27 +398,34 @@ def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_s
     # Strided queries a block scores: a power of two up to the whole block (few recompiles for short query blocks).
     nq = min(-(-block_size_q // query_stride), _next_power_of_2(-(-min(q_len, block_size_q) // query_stride)))
     bk_p2 = _next_power_of_2(block_size_k)
-    constants = dict(
+    constants = dict(  # those of every kernel
         PER_HEAD=per_head, KV_DIV=(num_q_heads // num_kv_heads) // per_head, BLOCK_Q=block_size_q,
         STRIDE=query_stride, NQ=nq, ROWS=max(16, _next_power_of_2(per_head * nq)), BK=block_size_k, BK_P2=bk_p2,
-        DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), NSEL=n_sel, STRATA=LSE_STRATA,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32", STAGES=settings["stages"],
-        NORMALIZE=score == "probability", SOFTCAP=has_softcap, HAS_KV_START=has_kv_start,
-        HAS_Q_OFFSET=has_q_offset, num_warps=settings["num_warps"],
+        DIM=dim, DIM_P2=max(16, _next_power_of_2(dim)), PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        SOFTCAP=has_softcap, HAS_KV_START=has_kv_start, HAS_Q_OFFSET=has_q_offset, num_warps=settings["num_warps"],
     )
     lse_tile = max(16, bk_p2, _next_power_of_2(settings["tile_keys"]))
+    programs = batch * heads * n_qb
+    normalize = score == "probability"
     if sliced:
         per_slice, n_slices = slice_layout(n_sel, slices)
-        constants.update(NKEEP=n_keep, NSEL_P2=_next_power_of_2(n_sel), NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2),
-                         SLICES=n_slices, TILE=lse_tile)
-        programs = batch * heads * n_qb
-        scratch = ((programs * n_sel, torch.int32), (programs, torch.int32)) if oversample > 1 else ()
-        return True, (n_qb * n_slices, batch * heads), scratch, constants
+        lse = None
+        if normalize:  # one tile of the estimate's keys per program: the sink and windows, then the samples
+            span = window + min(q_len, block_size_q) - 1 if window else 0
+            local_tiles = -(-(sink + span) // lse_tile)
+            parts = local_tiles + -(-LSE_STRATA // (lse_tile // bk_p2))
+            lse = ((n_qb * parts, batch * heads), programs * parts * 2 * constants["ROWS"],
+                   dict(constants, TILE=lse_tile, STRATA=LSE_STRATA, LOCAL_TILES=local_tiles, LSE_PARTS=parts))
+        constants.update(NSEL=n_sel, NORMALIZE=normalize, NKEEP=n_keep, NSEL_P2=_next_power_of_2(n_sel),
+                         NLOC=per_slice, NLOC_P2=tile // (2 * bk_p2), SLICES=n_slices,
+                         LSE_PARTS=lse[2]["LSE_PARTS"] if lse else 1, DIGIT=settings["merge_bits"])
+        survivors = programs * n_sel if oversample > 1 else 0
+        return True, (n_qb * n_slices, batch * heads), (survivors, programs, lse), constants
     # At least 8 groups (16 halves), and tiles of halves at least 16 keys wide: tl.dot's minimum.
     nsel_p2 = max(8, _next_power_of_2(n_sel))
-    constants.update(NSEL_P2=nsel_p2, CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
+    constants.update(NSEL=n_sel, NSEL_P2=nsel_p2, STRATA=LSE_STRATA, STAGES=settings["stages"], NORMALIZE=normalize,
+                     CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
                      TRANSPOSED=settings.get("transposed", False))
-    programs = batch * heads * n_qb
     scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32, torch.int64))
     return False, (n_qb, batch * heads), scratch, constants
 

@@ -8,6 +8,8 @@ and the launcher (`hip_mask_triton`).
   (at most 64 groups of 2-token blocks), so a round lives in registers: all its halves are scored in one tile and the
   best are kept by rank (each half counts the halves that beat it) instead of a sort through memory. A decode step
   is then a few short programs per kv head instead of one long chain of rounds.
+* `hip_lse_kernel`: the sliced search's log-sum-exp estimate, launched just before it, one tile of the estimate's
+  keys per program; each slice merges the partials instead of reading all of those keys itself.
 """
 
 import triton
@@ -71,6 +73,50 @@ def _candidates(start, last_pos, k_len, sink, window, BK: tl.constexpr):
 
 
 @triton.jit
+def _local_lse_tile(m_i, l_i, t0, q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, span,
+                    k_len, sink, window, score_scale, softcap_log2, DIM: tl.constexpr, TILE: tl.constexpr,
+                    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold keys [t0, t0 + TILE) of the sink followed by the `span` keys that end at the block's last query (every
+    window of the block) into (m_i, l_i), counting each where its row sees it through the sink or its window."""
+    offs = tl.arange(0, TILE)
+    in_sink = t0 + offs < sink
+    k_pos = tl.where(in_sink, start + t0 + offs, last_pos - span + 1 + t0 + offs - sink)
+    k_live = (k_pos >= 0) & (k_pos < k_len) & (t0 + offs < sink + span)
+    s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale, softcap_log2,
+                SOFTCAP, PRECISION)
+    seen = tl.where(in_sink[None, :], k_pos[None, :] < start + sink,
+                    (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= start + sink))
+    visible = row_live[:, None] & k_live[None, :] & seen & (k_pos[None, :] <= q_pos[:, None])
+    return _lse_update(m_i, l_i, s, visible)
+
+
+@triton.jit
+def _sampled_lse_tile(m_i, l_i, p0, q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, lo, n_cand,
+                      k_len, sink, window, score_scale, softcap_log2, BK: tl.constexpr, BK_P2: tl.constexpr,
+                      DIM: tl.constexpr, PARTS: tl.constexpr, STRATA: tl.constexpr, SOFTCAP: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """Fold the centre blocks of parts [p0, p0 + PARTS) of the STRATA equal parts of the candidates into (m_i, l_i),
+    each weighted by its part's size; keys a row sees through its window or the sink are left out."""
+    part = p0 + tl.arange(0, PARTS)
+    a = lo + (part * n_cand) // STRATA
+    z = lo + ((part + 1) * n_cand) // STRATA
+    k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, (z > a) & (part < STRATA), k_len, BK, BK_P2, PARTS)
+    s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale, softcap_log2,
+                SOFTCAP, PRECISION)
+    weight = tl.reshape(tl.broadcast_to(tl.log2(tl.maximum(z - a, 1).to(tl.float32))[:, None], [PARTS, BK_P2]),
+                        [PARTS * BK_P2])
+    visible = (row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None] - window)
+               & (k_pos[None, :] >= start + sink))
+    return _lse_update(m_i, l_i, s + weight[None, :], visible)
+
+
+@triton.jit
+def _lse_of(m_i, l_i):
+    """The log-sum-exp (log2 units) of a running (m_i, l_i); 0 for a row that saw nothing."""
+    return tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+
+
+@triton.jit
 def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos, block_rows, lo, n_cand,
                    k_len, sink, window, score_scale, softcap_log2, BK: tl.constexpr,
                    BK_P2: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr,
@@ -79,32 +125,17 @@ def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, st
     (hip_mask._local_lse) plus the candidates sampled at the centres of STRATA equal parts (hip_mask._sampled_lse)."""
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    offs = tl.arange(0, TILE)
     span = tl.where(window > 0, window + block_rows - 1, 0)  # every window of the block's queries
     for t0 in tl.range(0, sink + span, TILE, num_stages=STAGES):
-        in_sink = t0 + offs < sink
-        k_pos = tl.where(in_sink, start + t0 + offs, last_pos - span + 1 + t0 + offs - sink)
-        k_live = (k_pos >= 0) & (k_pos < k_len) & (t0 + offs < sink + span)
-        s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                    softcap_log2, SOFTCAP, PRECISION)
-        seen = tl.where(in_sink[None, :], k_pos[None, :] < start + sink,
-                        (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= start + sink))
-        visible = row_live[:, None] & k_live[None, :] & seen & (k_pos[None, :] <= q_pos[:, None])
-        m_i, l_i = _lse_update(m_i, l_i, s, visible)
+        m_i, l_i = _local_lse_tile(m_i, l_i, t0, q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start,
+                                   last_pos, span, k_len, sink, window, score_scale, softcap_log2, DIM, TILE, SOFTCAP,
+                                   PRECISION)
     PARTS: tl.constexpr = TILE // BK_P2
     for p0 in tl.range(0, STRATA, PARTS, num_stages=STAGES):
-        part = p0 + tl.arange(0, PARTS)
-        a = lo + (part * n_cand) // STRATA
-        z = lo + ((part + 1) * n_cand) // STRATA
-        k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, z > a, k_len, BK, BK_P2, PARTS)
-        s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                    softcap_log2, SOFTCAP, PRECISION)
-        weight = tl.reshape(tl.broadcast_to(tl.log2(tl.maximum(z - a, 1).to(tl.float32))[:, None], [PARTS, BK_P2]),
-                            [PARTS * BK_P2])
-        visible = (row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None] - window)
-                   & (k_pos[None, :] >= start + sink))
-        m_i, l_i = _lse_update(m_i, l_i, s + weight[None, :], visible)
-    return tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+        m_i, l_i = _sampled_lse_tile(m_i, l_i, p0, q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start,
+                                     lo, n_cand, k_len, sink, window, score_scale, softcap_log2, BK, BK_P2, DIM,
+                                     PARTS, STRATA, SOFTCAP, PRECISION)
+    return _lse_of(m_i, l_i)
 
 
 # Lengths and positions change at every step: specialising on them would recompile the kernel as they do.
@@ -214,32 +245,105 @@ def hip_mask_kernel(
 
 
 @triton.jit
-def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr):
+def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr):
     """Store, in ascending order, the NKEEP best of the survivors (ids in ascending order, their scores; ties go to
-    the lower block) at out: the n-th largest score is found bit by bit (a radix select), no sort."""
+    the lower block) at out: the n-th largest score is found DIGIT bits at a time (a radix select), no sort."""
     bits = scores.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648  # ordered as the floats, >= 0
-    key = tl.where(valid, key, -1)
-    threshold = tl.zeros([], dtype=tl.int64)
-    for bit in tl.static_range(31, -1, -1):
-        candidate = threshold | (tl.full([], 1, tl.int64) << bit)
-        threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), axis=0) >= NKEEP, candidate, threshold)
-    above = key > threshold
-    tied = key == threshold
+    key = (tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) ^ -2147483648).to(tl.uint32, bitcast=True)  # float order
+    key = tl.where(valid, key, 0)
+    if DIGIT == 0:  # sorted instead: the threshold is the NKEEP-th key
+        at = tl.arange(0, key.shape[0])
+        threshold = tl.max(tl.where(at == NKEEP - 1, tl.sort(key, descending=True), 0), axis=0)
+    else:
+        digit = tl.arange(0, 1 << DIGIT).to(tl.uint32)
+        threshold = tl.zeros([], dtype=tl.uint32)
+        for shift in tl.static_range(32 - DIGIT, -1, -DIGIT):
+            # The largest digit that still leaves NKEEP keys at or above the threshold (counts fall as it grows).
+            candidate = threshold | (digit << shift)
+            count = tl.sum((key[None, :] >= candidate[:, None]).to(tl.int32), axis=1)
+            threshold = threshold | (tl.max(tl.where(count >= NKEEP, digit, 0), axis=0) << shift)
+    above = valid & (key > threshold)
+    tied = valid & (key == threshold)
     chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= NKEEP - tl.sum(above.to(tl.int32), axis=0)))
     tl.store(out + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, ids, mask=chosen)
 
 
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
+def hip_lse_kernel(
+    Q, K, KV_START, Q_OFFSET, PARTIALS,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
+    PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
+    NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
+    DIM_P2: tl.constexpr, TILE: tl.constexpr, STRATA: tl.constexpr, LOCAL_TILES: tl.constexpr,
+    LSE_PARTS: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HAS_Q_OFFSET: tl.constexpr,
+):
+    """The sliced search's log-sum-exp estimate (`_estimated_lse`), one tile of its keys per program: a program folds
+    tile t of LSE_PARTS for one (batch, pattern head, query block) into a partial (m, l) per row, which
+    `hip_slice_kernel` merges.
+    Each slice would otherwise read all of the estimate's keys itself, as many times over as there are slices."""
+    qb = tl.program_id(0) // LSE_PARTS
+    t = tl.program_id(0) % LSE_PARTS
+    bh = tl.program_id(1)
+    b = bh // num_heads
+    h = bh % num_heads
+    program = bh.to(tl.int64) * num_q_blocks + qb
+    q_tile, q_row, row_live, last_row = _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd,
+                                                 PER_HEAD, BLOCK_Q, STRIDE, NQ, ROWS, DIM, DIM_P2)
+    offset = k_len - q_len
+    if HAS_Q_OFFSET:
+        offset = tl.load(Q_OFFSET + b).to(tl.int32)
+    q_pos = q_row + offset
+    last_pos = last_row + offset
+    start = 0
+    if HAS_KV_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+    d = tl.arange(0, DIM_P2)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    if t < LOCAL_TILES:  # the sink and the windows (the tiles past them hold no key)
+        span = tl.where(window > 0, window + last_row - qb * BLOCK_Q, 0)
+        m_i, l_i = _local_lse_tile(m_i, l_i, t * TILE, q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live,
+                                   start, last_pos, span, k_len, sink, window, score_scale, softcap_log2, DIM, TILE,
+                                   SOFTCAP, PRECISION)
+    else:  # the sampled candidates
+        lo, n_cand = _candidates(start, last_pos, k_len, sink, window, BK)
+        PARTS: tl.constexpr = TILE // BK_P2
+        m_i, l_i = _sampled_lse_tile(m_i, l_i, (t - LOCAL_TILES) * PARTS, q_tile, kv_base, d, stride_kl, stride_kd,
+                                     q_pos, row_live, start, lo, n_cand, k_len, sink, window, score_scale,
+                                     softcap_log2, BK, BK_P2, DIM, PARTS, STRATA, SOFTCAP, PRECISION)
+    r = tl.arange(0, ROWS)
+    partial = PARTIALS + (program * LSE_PARTS + t) * 2 * ROWS
+    tl.store(partial + r, m_i)
+    tl.store(partial + ROWS + r, l_i)
+
+
+@triton.jit
+def _merged_lse(PARTIALS, program, NPARTS: tl.constexpr, ROWS: tl.constexpr):
+    """Each row's log-sum-exp (log2 units) from the NPARTS partials `hip_lse_kernel` wrote for this program."""
+    NPARTS_P2: tl.constexpr = triton.next_power_of_2(NPARTS)
+    t = tl.arange(0, NPARTS_P2)
+    r = tl.arange(0, ROWS)
+    at = PARTIALS + (program * NPARTS + t[:, None]) * 2 * ROWS + r[None, :]
+    m = tl.load(at, mask=t[:, None] < NPARTS, other=float("-inf"))
+    mass = tl.load(at + ROWS, mask=t[:, None] < NPARTS, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    return _lse_of(m_max, tl.sum(mass * tl.exp2(m - m_safe[None, :]), axis=0))
+
+
+@triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_slice_kernel(
-    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, SURVIVORS, SURVIVOR_SCORES, ARRIVALS,
+    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, SURVIVORS, SURVIVOR_SCORES, ARRIVALS, LSE_PARTIALS,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
     q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
     PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
     DIM_P2: tl.constexpr, NSEL: tl.constexpr, NKEEP: tl.constexpr, NSEL_P2: tl.constexpr, NLOC: tl.constexpr,
-    NLOC_P2: tl.constexpr, SLICES: tl.constexpr, TILE: tl.constexpr, STRATA: tl.constexpr, PRECISION: tl.constexpr,
-    STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
+    NLOC_P2: tl.constexpr, SLICES: tl.constexpr, LSE_PARTS: tl.constexpr, DIGIT: tl.constexpr,
+    PRECISION: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
     HAS_Q_OFFSET: tl.constexpr,
 ):
     """One program = one slice (NLOC consecutive groups of NSEL) of one (batch, pattern head, query block)'s search;
@@ -283,10 +387,8 @@ def hip_slice_kernel(
         ge = tl.where(g < width, lo + ((gid + 1) * n_cand) // NSEL, 0).to(tl.int32)
         largest = (n_cand + NSEL - 1) // NSEL
         lse = tl.zeros([ROWS], dtype=tl.float32)
-        if NORMALIZE:
-            lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos,
-                                 last_row - qb * BLOCK_Q + 1, lo, n_cand, k_len, sink, window, score_scale,
-                                 softcap_log2, BK, BK_P2, DIM, ROWS, TILE, STRATA, SOFTCAP, PRECISION, STAGES)
+        if NORMALIZE:  # estimated by hip_lse_kernel, launched just before
+            lse = _merged_lse(LSE_PARTIALS, program, LSE_PARTS, ROWS)
         i = tl.arange(0, HALVES)
         while largest > 1:
             mid = gs + (ge - gs + 1) // 2
@@ -333,6 +435,6 @@ def hip_slice_kernel(
                 ids = tl.load(SURVIVORS + program * NSEL + j, mask=valid, other=0, cache_modifier=".cg")
                 scores = tl.load(SURVIVOR_SCORES + program * NSEL + j, mask=valid, other=float("-inf"),
                                  cache_modifier=".cg")
-                _keep_best(ids, scores, valid, out, NKEEP)
+                _keep_best(ids, scores, valid, out, NKEEP, DIGIT)
                 tl.store(OUT_COUNT + program, tl.full([], NKEEP, tl.int32))
                 tl.atomic_xchg(ARRIVALS + program, 0)

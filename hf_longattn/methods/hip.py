@@ -15,7 +15,8 @@ torch.compile and CUDA graphs. To make that affordable the decode search is slic
 hip_mask.py): independent searches per kv head, one short GPU program each whose rounds stay in registers, instead of
 one chain of dependent rounds through memory. It searches ``decode_oversample`` times as many groups as it keeps, and
 the last slice to finish keeps the best survivors of all slices: on SmolLM2 passkey prompts at 8K this kept more of
-the exact attention than the paper's single beam (0.988 vs 0.981 on the default budget, 0.902 vs 0.870 on the paper's). The paper refreshes the selection every few steps instead (preset "paper": every 8); reusing a selection
+the exact attention than the paper's single beam (0.987 vs 0.980 on the default budget, 0.901 vs 0.867 on the
+paper's). The paper refreshes the selection every few steps instead (preset "paper": every 8); reusing a selection
 made for one answer token for the next ones lost answer digits on passkey prompts (" 247." for 24718), which is why
 the default searches every step. With ``refresh_interval > 1`` the search lists ahead of time the key blocks that
 will leave the sliding window before the next search, so no key visible at the search is dropped and a reused step
@@ -31,7 +32,7 @@ import torch
 
 from ..config import ConfigError, MethodConfig, non_negative, positive
 from ..kernels import SparsePattern
-from ..kernels.hip_mask import SCORES, SLICE_TILE_KEYS, fewest_slices, hip_mask, slice_layout, slice_tile_keys
+from ..kernels.hip_mask import SCORES, SLICE_TILE_KEYS, default_slices, hip_mask, slice_layout, slice_tile_keys
 from .base import SparseMethod
 
 # Named settings. "paper": the paper's budget (512 selected tokens, a 256-token window) and its decode refresh (a search
@@ -62,8 +63,9 @@ class HipConfig(MethodConfig):
     # Decode steps between two searches; 1 searches at every step (stateless).
     refresh_interval: int | None = None
     # A decode search (one query block) runs as this many independent slices of its groups (hip_mask.py), one GPU
-    # program each. None: as few as fit one program's tile (16 for the paper budget, 32 for retrieval); 1 is the
-    # paper's single beam, whose dependent rounds then run in one program per kv head.
+    # program each. None: slices of 16 groups (64 for the paper budget, 128 for retrieval; fewer groups when their
+    # halves would not fit one program's tile); 1 is the paper's single beam, whose dependent rounds then run in one
+    # program per kv head.
     decode_slices: int | None = None
     # A decode search splits the candidates into decode_oversample x k / block_size_k groups, and the best k /
     # block_size_k survivors of all slices are kept: slices then share the budget by merit, not in equal parts.
@@ -95,7 +97,7 @@ class HipConfig(MethodConfig):
         positive(self, "decode_oversample")
         n_sel = self.k // self.block_size_k * self.decode_oversample  # groups of a decode search
         if self.decode_slices is None:
-            self.decode_slices = fewest_slices(n_sel, self.block_size_k)
+            self.decode_slices = default_slices(n_sel, self.block_size_k)
         positive(self, "decode_slices")
         sliced = slice_layout(n_sel, self.decode_slices)[1] > 1 or self.decode_oversample > 1
         if sliced and slice_tile_keys(n_sel, self.decode_slices, self.block_size_k) > SLICE_TILE_KEYS:
