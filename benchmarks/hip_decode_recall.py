@@ -31,11 +31,13 @@ from hf_longattn.methods.hip import HipConfig
 from hf_longattn.recall import attention_recall
 
 VARIANTS = {
-    "paper budget (its default: 16 slices, 4x groups)": {"preset": "paper"},
-    "paper budget, 4 slices, no oversampling": {"preset": "paper", "decode_oversample": 1},
+    "paper budget (its default: 64 slices, 4x groups)": {"preset": "paper"},
+    "paper budget, 16 slices, 4x groups (the default before)": {"preset": "paper", "decode_slices": 16},
+    "paper budget, 16 slices, no oversampling": {"preset": "paper", "decode_oversample": 1, "decode_slices": 16},
     "paper budget, one beam (the paper)": {"preset": "paper", "decode_slices": 1, "decode_oversample": 1},
-    "retrieval budget (the default: 32 slices, 2x groups)": {},
-    "retrieval budget, 16 slices, no oversampling": {"decode_oversample": 1},
+    "retrieval budget (the default: 128 slices, 2x groups)": {},
+    "retrieval budget, 32 slices, 2x groups (the default before)": {"decode_slices": 32},
+    "retrieval budget, 64 slices, no oversampling": {"decode_oversample": 1, "decode_slices": 64},
     "retrieval budget, one beam": {"decode_slices": 1, "decode_oversample": 1},
 }
 _captured: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
