@@ -281,8 +281,8 @@ def hip_lse_kernel(
 ):
     """The sliced search's log-sum-exp estimate (`_estimated_lse`), one tile of its keys per program: a program folds
     tile t of LSE_PARTS for one (batch, pattern head, query block) into a partial (m, l) per row, which
-    `hip_slice_kernel` merges.
-    Each slice would otherwise read all of the estimate's keys itself, as many times over as there are slices."""
+    `hip_slice_kernel` merges. Each slice would otherwise read all of the estimate's keys itself, as many times over
+    as there are slices."""
     qb = tl.program_id(0) // LSE_PARTS
     t = tl.program_id(0) % LSE_PARTS
     bh = tl.program_id(1)
