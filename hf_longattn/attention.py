@@ -126,7 +126,7 @@ def _read_layout(layout: torch.Tensor | None, key, value, q_len: int, traced: bo
     first_query = key.shape[2] - q_len
     if layout is None:
         return key, value, None, None, first_query
-    kv_start = layout[:, 0, 0, 0]
+    kv_start = layout[:, 0, 0, 0].contiguous()  # kernels read row b's value at pointer + b
     facts = None if traced else getattr(layout, _HOST_FACTS, None)
     if facts is not None:
         key_len, padded, first_query = facts

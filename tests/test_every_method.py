@@ -108,6 +108,25 @@ def test_generate_matches_unpatched(family, method, mode):
         assert_same_generation(greedy(model, ids, mask, **MODES[mode]), expected)
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", "static-chunked"])
+@pytest.mark.parametrize("method", ["hip", "streaming"])
+def test_generate_through_the_triton_kernels_matches_unpatched(method, mode, monkeypatch):
+    """The generate() modes above run the PyTorch references on a CPU; here HiP's search and the shared sparse kernel
+    run in Triton (interpreted), as on a GPU, so that how the launchers hand the kernels their inputs is checked too.
+    A static cache's row starts once reached the kernels as a strided view, and row 1 read row 0's query offset."""
+    from hf_longattn.kernels import hip_mask, ops
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU these kernels are the ones test_generate_matches_unpatched runs")
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(hip_mask, "_search_eager", hip_mask.hip_mask_triton)
+    model = shared_model("llama")
+    ids, mask = random_batch(**PROMPT)
+    expected = reference("llama", mode, ids, mask, **MODES[mode])
+    with patched(model, method, **FULL_BUDGET[method]):
+        assert_same_generation(greedy(model, ids, mask, **MODES[mode]), expected)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_right_padded_row_matches_unpatched(family, method):

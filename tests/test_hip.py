@@ -290,6 +290,19 @@ def test_oversampled_decode_search_launch_settings_keep_the_selection(launch, ti
     assert torch.equal(got.block_indices.cpu(), expected.block_indices)
 
 
+def test_search_reads_row_starts_given_as_strided_views_per_row():
+    # kv_start and q_offset as columns of one [B, 2] tensor, as a static cache's mask layout holds them.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _qk(2, 4, 2, 1, 90, 16, seed=7)
+    starts = torch.tensor([[0, 60], [11, 85]])
+    options = dict(SMALL, k=8, slices=3, oversample=2)
+    expected = hip_mask_reference(q, k, kv_start=starts[:, 0].clone(), q_offset=starts[:, 1].clone(), **options)
+    starts = starts.to(device)
+    got = hip_mask_triton(q.to(device), k.to(device), kv_start=starts[:, 0], q_offset=starts[:, 1], **options)
+    assert torch.equal(got.block_counts.cpu(), expected.block_counts)
+    assert torch.equal(got.block_indices.cpu(), expected.block_indices)
+
+
 # --- exactness ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("instance", [

@@ -115,6 +115,16 @@ def test_decode_matches_reference(q_len, block_size_k, sink, window, pattern_hea
     assert_matches_reference(q, k, v, pattern, kv_start=KV_START.to(DEVICE), softcap=4.0 if q_len == 5 else None)
 
 
+@pytest.mark.parametrize("q_len", [1, 20], ids=["decode", "prefill"])
+def test_row_starts_given_as_strided_views_are_read_per_row(q_len):
+    """kv_start and q_offset as columns of one [B, 2] tensor (how a static cache's mask layout holds them): the
+    kernels read row b's value at pointer + b, so a view with stride 2 once gave row 1 row 0's query offset."""
+    q, k, v = qkv(2, 4, 2, q_len, 64, 16)
+    starts = torch.tensor([[0, 40], [9, 44 - q_len]], device=DEVICE)  # (kv_start, q_offset) per row
+    pattern = random_pattern(2, 2, q_len, 64, 16, 8, 3, sink=2, window=8)
+    assert_matches_reference(q, k, v, pattern, kv_start=starts[:, 0], q_offset=starts[:, 1])
+
+
 @pytest.mark.parametrize("splits", [1, 3, 40])
 def test_decode_any_number_of_splits(splits):
     """Empty splits (more splits than tiles) must merge away without a trace."""

@@ -355,8 +355,9 @@ def hip_mask_triton(
     from .hip_mask_kernel import hip_lse_kernel, hip_mask_kernel, hip_slice_kernel
 
     strides = (*query.stride(), *key.stride())
-    common = (query, key, counts if kv_start is None else kv_start.to(device),
-              counts if q_offset is None else q_offset.to(device))
+    # Row b's start and offset are read at pointer + b: a strided view would read another row's.
+    common = (query, key, counts if kv_start is None else kv_start.to(device).contiguous(),
+              counts if q_offset is None else q_offset.to(device).contiguous())
     sizes = (q_len, key.shape[2], heads, n_qb, sink, window,
              *score_scaling(dim**-0.5 if scale is None else scale, softcap))
     if not sliced:  # the beam kernel's per-program scratch (prefill: large, and a prefill is not launch-bound)

@@ -125,10 +125,11 @@ def sparse_attention(query, key, value, pattern, scale=None, softcap=None, kv_st
     check_inputs(query, key, value, pattern, kv_start, q_offset)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
     softcap = None if softcap is None else float(softcap)
+    # The kernels read row b's start at pointer + b: a strided view (a column of the mask layout) would read another's.
     if kv_start is not None:
-        kv_start = kv_start.to(device=query.device)
+        kv_start = kv_start.to(device=query.device).contiguous()
     if q_offset is not None:
-        q_offset = q_offset.to(device=query.device)
+        q_offset = q_offset.to(device=query.device).contiguous()
     if torch.compiler.is_compiling():
         out, lse = sparse_attention_op(
             query, key, value, pattern.block_indices, pattern.block_counts, kv_start, q_offset,
