@@ -49,11 +49,11 @@ def _block_max(s, N: tl.constexpr, BK_P2: tl.constexpr):
 
 
 @triton.jit
-def _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD: tl.constexpr,
+def _queries(Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD: tl.constexpr,
              BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-             DIM_P2: tl.constexpr):
+             DIM_P2: tl.constexpr, HAS_Q_OFFSET: tl.constexpr):
     """The block's strided queries (back from its last query) for the pattern head's query heads: (tile [ROWS, DIM],
-    row index of each, which rows exist, the block's last row)."""
+    which rows exist, each row's position, the block's last position, how many queries the block has)."""
     r = tl.arange(0, ROWS)
     last_row = tl.minimum(qb * BLOCK_Q + BLOCK_Q, q_len) - 1
     q_row = last_row - (r % NQ) * STRIDE
@@ -61,7 +61,20 @@ def _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd, PER
     q_head = h * PER_HEAD + r // NQ
     d = tl.arange(0, DIM_P2)
     q_ptrs = Q + b * stride_qb + q_head[:, None] * stride_qh + q_row[:, None] * stride_ql + d[None, :] * stride_qd
-    return tl.load(q_ptrs, mask=row_live[:, None] & (d[None, :] < DIM), other=0.0), q_row, row_live, last_row
+    q_tile = tl.load(q_ptrs, mask=row_live[:, None] & (d[None, :] < DIM), other=0.0)
+    offset = k_len - q_len  # the queries are the last q_len keys, unless the caller places them
+    if HAS_Q_OFFSET:
+        offset = tl.load(Q_OFFSET + b).to(tl.int32)
+    return q_tile, row_live, q_row + offset, last_row + offset, last_row - qb * BLOCK_Q + 1
+
+
+@triton.jit
+def _row_keys(K, KV_START, b, h, stride_kb, stride_kh, KV_DIV: tl.constexpr, HAS_KV_START: tl.constexpr):
+    """(row b's first valid key, the pattern head's keys)."""
+    start = 0
+    if HAS_KV_START:
+        start = tl.load(KV_START + b).to(tl.int32)
+    return start, K + b * stride_kb + (h // KV_DIV) * stride_kh
 
 
 @triton.jit
@@ -161,17 +174,10 @@ def hip_mask_kernel(
     scores_ptr = SCORES + program * HALVES
     sorted_ptr = SORTED + program * HALVES
 
-    q_tile, q_row, row_live, last_row = _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd,
-                                                 PER_HEAD, BLOCK_Q, STRIDE, NQ, ROWS, DIM, DIM_P2)
-    offset = k_len - q_len
-    if HAS_Q_OFFSET:
-        offset = tl.load(Q_OFFSET + b).to(tl.int32)
-    q_pos = q_row + offset
-    last_pos = last_row + offset
-    start = 0
-    if HAS_KV_START:
-        start = tl.load(KV_START + b).to(tl.int32)
-    kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+    q_tile, row_live, q_pos, last_pos, block_rows = _queries(
+        Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD, BLOCK_Q, STRIDE,
+        NQ, ROWS, DIM, DIM_P2, HAS_Q_OFFSET)
+    start, kv_base = _row_keys(K, KV_START, b, h, stride_kb, stride_kh, KV_DIV, HAS_KV_START)
     d = tl.arange(0, DIM_P2)
 
     # Candidate key blocks, split into NSEL contiguous groups.
@@ -187,7 +193,7 @@ def hip_mask_kernel(
     if NORMALIZE:
         if largest > 1:
             lse = _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, start, last_pos,
-                                 last_row - qb * BLOCK_Q + 1, lo, n_cand, k_len, sink, window, score_scale,
+                                 block_rows, lo, n_cand, k_len, sink, window, score_scale,
                                  softcap_log2, BK, BK_P2, DIM, ROWS, CHUNK * BK_P2, STRATA, SOFTCAP, PRECISION,
                                  STAGES)
 
@@ -289,22 +295,15 @@ def hip_lse_kernel(
     b = bh // num_heads
     h = bh % num_heads
     program = bh.to(tl.int64) * num_q_blocks + qb
-    q_tile, q_row, row_live, last_row = _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd,
-                                                 PER_HEAD, BLOCK_Q, STRIDE, NQ, ROWS, DIM, DIM_P2)
-    offset = k_len - q_len
-    if HAS_Q_OFFSET:
-        offset = tl.load(Q_OFFSET + b).to(tl.int32)
-    q_pos = q_row + offset
-    last_pos = last_row + offset
-    start = 0
-    if HAS_KV_START:
-        start = tl.load(KV_START + b).to(tl.int32)
-    kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+    q_tile, row_live, q_pos, last_pos, block_rows = _queries(
+        Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD, BLOCK_Q, STRIDE,
+        NQ, ROWS, DIM, DIM_P2, HAS_Q_OFFSET)
+    start, kv_base = _row_keys(K, KV_START, b, h, stride_kb, stride_kh, KV_DIV, HAS_KV_START)
     d = tl.arange(0, DIM_P2)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     if t < LOCAL_TILES:  # the sink and the windows (the tiles past them hold no key)
-        span = tl.where(window > 0, window + last_row - qb * BLOCK_Q, 0)
+        span = tl.where(window > 0, window + block_rows - 1, 0)
         m_i, l_i = _local_lse_tile(m_i, l_i, t * TILE, q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live,
                                    start, last_pos, span, k_len, sink, window, score_scale, softcap_log2, DIM, TILE,
                                    SOFTCAP, PRECISION)
@@ -356,17 +355,10 @@ def hip_slice_kernel(
     program = bh.to(tl.int64) * num_q_blocks + qb
     HALVES: tl.constexpr = 2 * NLOC_P2
 
-    q_tile, q_row, row_live, last_row = _queries(Q, b, h, qb, q_len, stride_qb, stride_qh, stride_ql, stride_qd,
-                                                 PER_HEAD, BLOCK_Q, STRIDE, NQ, ROWS, DIM, DIM_P2)
-    offset = k_len - q_len
-    if HAS_Q_OFFSET:
-        offset = tl.load(Q_OFFSET + b).to(tl.int32)
-    q_pos = q_row + offset
-    last_pos = last_row + offset
-    start = 0
-    if HAS_KV_START:
-        start = tl.load(KV_START + b).to(tl.int32)
-    kv_base = K + b * stride_kb + (h // KV_DIV) * stride_kh
+    q_tile, row_live, q_pos, last_pos, block_rows = _queries(
+        Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD, BLOCK_Q, STRIDE,
+        NQ, ROWS, DIM, DIM_P2, HAS_Q_OFFSET)
+    start, kv_base = _row_keys(K, KV_START, b, h, stride_kb, stride_kh, KV_DIV, HAS_KV_START)
     d = tl.arange(0, DIM_P2)
 
     lo, n_cand = _candidates(start, last_pos, k_len, sink, window, BK)
