@@ -39,9 +39,9 @@ HEADS, KV_HEADS, DIM = 32, 8, 128
 SWEEP = {
     "prefill": [{"tile_keys": t, "num_warps": w, "stages": 2, "transposed": tr}
                 for t in (64, 128) for w in (4, 8) for tr in (False, True)],
-    "decode": [{"tile_keys": t, "num_warps": w, "stages": 2} for t in (128, 256) for w in (4, 8)],
+    "decode": [{"tile_keys": t, "num_warps": w, "merge_bits": b} for t in (128, 256) for w in (4, 8) for b in (1, 2)],
 }
-OVERSAMPLE_SWEEP = (1, 2, 4)  # decode search: groups per kept block, each in the fewest slices that fit a tile
+OVERSAMPLE_SWEEP = (1, 2, 4)  # decode search: groups per kept block, each in its default slices (hip_mask.SLICE_GROUPS)
 
 
 def gpu_us(fn) -> float:
@@ -159,8 +159,8 @@ def sweep_launch(phase: str, context: int, preset: str) -> list[dict]:
 
 
 def sweep_slices(context: int, presets: list[str]) -> list[dict]:
-    """The decode search's time by oversampling, each in the fewest slices that fit, and the default in twice as many
-    slices (the selections differ by design; benchmarks/hip_decode_recall.py measures what they keep)."""
+    """The decode search's time by oversampling, each in its default slices, and the default in twice as many slices
+    (the selections differ by design; benchmarks/hip_decode_recall.py measures what they keep)."""
     q, k, _ = qkv(1, context, seed=3)
     results = []
     for preset in presets:
