@@ -7,6 +7,7 @@ The first call at 128K compiles the kernels; then each timing is one run, synchr
     PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/longheads_chunked_check.py
 """
 
+import sys
 import time
 
 import torch
@@ -26,6 +27,8 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("longheads_chunked_check.py needs a CUDA GPU")
     q, k, v = inputs(LENGTH, LENGTH)
     method = LongHeads(LongHeadsConfig())
     method.attend(q, k, v, fresh_call())  # compiles the kernels at 128K
