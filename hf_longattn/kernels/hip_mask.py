@@ -33,8 +33,8 @@ empty); a key is visible to a query only if it exists (< Lk) and lies at or befo
 (hip_mask_kernel.py, imported on first use so that importing the package does not import Triton and tests can still
 choose TRITON_INTERPRET=1): a search of many query blocks with one beam runs one program per (batch, head, query
 block), a sliced search one program per slice (after a kernel that estimates the log-sum-exp for all slices at
-once). Both break score ties towards the lower half index, so they agree exactly up to float rounding. `hip_mask` dispatches (Triton on CUDA, the reference elsewhere) and is a torch custom
-op under torch.compile.
+once). Both break score ties towards the lower half index, so they agree exactly up to float rounding. `hip_mask`
+dispatches (Triton on CUDA, the reference elsewhere) and is a torch custom op under torch.compile.
 """
 from __future__ import annotations
 
