@@ -69,6 +69,15 @@ def _queries(Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_q
 
 
 @triton.jit
+def _grid_place(num_heads, num_q_blocks, PARTS: tl.constexpr):
+    """Where a program of a (num_q_blocks x PARTS, batch x heads) grid works: (batch row, pattern head, query block,
+    its part of the block's work, the index of the (row, head, block) it serves)."""
+    qb = tl.program_id(0) // PARTS
+    bh = tl.program_id(1)
+    return bh // num_heads, bh % num_heads, qb, tl.program_id(0) % PARTS, bh.to(tl.int64) * num_q_blocks + qb
+
+
+@triton.jit
 def _row_keys(K, KV_START, b, h, stride_kb, stride_kh, KV_DIV: tl.constexpr, HAS_KV_START: tl.constexpr):
     """(row b's first valid key, the pattern head's keys)."""
     start = 0
@@ -164,11 +173,7 @@ def hip_mask_kernel(
     HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """One program = one (batch, pattern head, query block) with one beam; the algorithm is in hip_mask.py."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    program = bh.to(tl.int64) * num_q_blocks + qb
+    b, h, qb, _, program = _grid_place(num_heads, num_q_blocks, 1)
     HALVES: tl.constexpr = 2 * NSEL_P2
     groups = GROUPS + program * HALVES  # starts at [0, NSEL_P2), ends at [NSEL_P2, 2 NSEL_P2)
     scores_ptr = SCORES + program * HALVES
@@ -289,12 +294,7 @@ def hip_lse_kernel(
     tile t of LSE_PARTS for one (batch, pattern head, query block) into a partial (m, l) per row, which
     `hip_slice_kernel` merges. Each slice would otherwise read all of the estimate's keys itself, as many times over
     as there are slices."""
-    qb = tl.program_id(0) // LSE_PARTS
-    t = tl.program_id(0) % LSE_PARTS
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    program = bh.to(tl.int64) * num_q_blocks + qb
+    b, h, qb, t, program = _grid_place(num_heads, num_q_blocks, LSE_PARTS)
     q_tile, row_live, q_pos, last_pos, block_rows = _queries(
         Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD, BLOCK_Q, STRIDE,
         NQ, ROWS, DIM, DIM_P2, HAS_Q_OFFSET)
@@ -347,12 +347,7 @@ def hip_slice_kernel(
 ):
     """One program = one slice (NLOC consecutive groups of NSEL) of one (batch, pattern head, query block)'s search;
     with oversampling (NSEL > NKEEP) the last slice to finish keeps the NKEEP best survivors of all slices."""
-    qb = tl.program_id(0) // SLICES
-    sl = tl.program_id(0) % SLICES
-    bh = tl.program_id(1)
-    b = bh // num_heads
-    h = bh % num_heads
-    program = bh.to(tl.int64) * num_q_blocks + qb
+    b, h, qb, sl, program = _grid_place(num_heads, num_q_blocks, SLICES)
     HALVES: tl.constexpr = 2 * NLOC_P2
 
     q_tile, row_live, q_pos, last_pos, block_rows = _queries(
