@@ -220,7 +220,7 @@ def markdown(result: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[131072, 32768])
-    parser.add_argument("--prefill-contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--prefill-contexts", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--presets", nargs="+", default=list(HIP_PRESETS), choices=list(HIP_PRESETS))
     parser.add_argument("--sweep", action="store_true", help="first time launch settings and decode slices")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -339,8 +339,6 @@ def hip_mask_triton(
     all slices at once); any other the beam kernel (one program per query block). ``launch`` overrides
     `LAUNCH_SETTINGS` for tuning.
     """
-    from .triton_prefill import score_scaling  # Triton is imported on first use only
-
     _check_inputs(query, key, k, block_size_k, q_offset, score, slices, oversample)
     batch, num_q_heads, q_len, dim = query.shape
     sliced, grid, scratch, constants = _search_plan(
@@ -352,8 +350,7 @@ def hip_mask_triton(
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
     if not ids.numel():
         return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
-    from .hip_mask_kernel import hip_lse_kernel, hip_mask_kernel, hip_slice_kernel
-
+    hip_lse_kernel, hip_mask_kernel, hip_slice_kernel, score_scaling = _triton_modules()
     strides = (*query.stride(), *key.stride())
     # Row b's start and offset are read at pointer + b: a strided view would read another row's.
     common = (query, key, counts if kv_start is None else kv_start.to(device).contiguous(),
@@ -376,6 +373,15 @@ def hip_mask_triton(
         hip_lse_kernel[lse_grid](*common, lse_partials, *strides, *sizes, **lse_constants)
     hip_slice_kernel[grid](*common, ids, counts, *buffers, lse_partials, *strides, *sizes, **constants)
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
+
+
+@functools.cache
+def _triton_modules():
+    """Triton is imported on first use only (a test sets TRITON_INTERPRET=1 first); a decode step imports nothing."""
+    from .hip_mask_kernel import hip_lse_kernel, hip_mask_kernel, hip_slice_kernel
+    from .triton_prefill import score_scaling
+
+    return hip_lse_kernel, hip_mask_kernel, hip_slice_kernel, score_scaling
 
 
 @functools.lru_cache(maxsize=256)

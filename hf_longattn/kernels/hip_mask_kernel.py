@@ -15,6 +15,7 @@ and the launcher (`hip_mask_triton`).
 import triton
 import triton.language as tl
 
+from .launch import fast_launch
 from .triton_prefill import _scores
 
 
@@ -279,6 +280,7 @@ def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr
     tl.store(out + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, ids, mask=chosen)
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_lse_kernel(
     Q, K, KV_START, Q_OFFSET, PARTIALS,
@@ -333,6 +335,7 @@ def _merged_lse(PARTIALS, program, NPARTS: tl.constexpr, ROWS: tl.constexpr):
     return _lse_of(m_max, tl.sum(mass * tl.exp2(m - m_safe[None, :]), axis=0))
 
 
+@fast_launch
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_slice_kernel(
     Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, SURVIVORS, SURVIVOR_SCORES, ARRIVALS, LSE_PARTIALS,

@@ -8,6 +8,7 @@ merges the slots' partial outputs (triton_decode._finish_split).
 import triton
 import triton.language as tl
 
+from .launch import fast_launch
 from .rope_kernel import cos_sin
 from .triton_decode import _finish_split
 from .triton_prefill import _load_kv, _scores, _softmax_step
@@ -69,6 +70,7 @@ def _selected_chunk(Q, REPS, SCORES, b, ph, target, p, start, lo, n_select, d, d
 
 
 # The key length changes at every step, and with it the cache's strides: no specialising on them.
+@fast_launch
 @triton.jit(do_not_specialize=["k_len", "stride_kb", "stride_kh", "stride_vb", "stride_vh"])
 def longheads_decode_kernel(
     Q, K, V, REPS, START, INV_FREQ, SCORES, Out, Lse, Partials, Arrivals,

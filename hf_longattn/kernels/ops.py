@@ -59,7 +59,9 @@ def check_inputs(query, key, value, pattern: SparsePattern, kv_start, q_offset=N
 def on_device(tensor: torch.Tensor):
     """Triton launches on the current CUDA device, not on the tensor's: under accelerate's device_map a layer on
     cuda:1 is called while cuda:0 is current, and its launch would read another GPU's memory. Wrap every launch."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()  # (entering torch.cuda.device costs a decode step microseconds)
 
 
 @functools.cache

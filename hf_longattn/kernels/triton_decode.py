@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast_launch
 from .triton_prefill import _load_kv, _scores, _softmax_step, dot_precision, key_tile_size, score_scaling
 from .workspace import arrival_counters, kept
 
@@ -78,6 +79,7 @@ def _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, split, num
 
 
 # Lengths and pattern strides change at every step: specialising on them would recompile the kernel as they do.
+@fast_launch
 @triton.jit(do_not_specialize=[
     "stride_ib", "stride_ih", "stride_cb", "stride_ch",
     "q_len", "k_len", "tiles_per_split", "num_splits",

@@ -1,0 +1,101 @@
+"""Eager decode steps with fast_launch against Triton's own launch, interleaved in one process.
+
+One query over a 131072-key cache, Llama-3-8B shape, bf16: dense SDPA, the shared sparse attention on a 2K sink+window
+pattern, and a whole HiP step (search + attention) at both presets, each timed back to back (host included, what plain
+generate() gets). The decode kernels launch alternately through fast_launch and through Triton's JITFunction.run,
+`--rounds` times each, and the medians are reported: the H200 host's speed drifts by up to 2x between and within
+calls, so only an interleaved comparison separates the two.
+
+    PYTHONPATH=$PWD python benchmarks/bench_launch.py --out benchmarks/results/fast_launch_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def loop_us(fn, calls: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / calls
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fast_launch_h200"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_launch.py needs a CUDA GPU")
+    import triton
+
+    from hf_longattn.kernels import hip_mask_kernel, sparse_attention, triton_decode
+    from hf_longattn.kernels.pattern import window_pattern
+    from hf_longattn.methods.base import AttentionCall
+    from hf_longattn.methods.hip import Hip, HipConfig
+
+    k = torch.randn(1, 8, args.context, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    pattern = window_pattern(1, 8, 1, 128, 128, 128, 1920, device="cuda")
+    cases = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+             "sparse attention, sink+window 2K": lambda: sparse_attention(q, k, v, pattern)}
+    for preset in ("retrieval", "paper"):  # refresh_interval=1: every step searches
+        method, call = Hip(HipConfig(preset=preset, refresh_interval=1)), AttentionCall(0, 128**-0.5, None, None)
+        cases[f"hip {preset}: step (search + attend)"] = lambda m=method, c=call: m.attend(q, k, v, c)
+    kernels = (hip_mask_kernel.hip_lse_kernel, hip_mask_kernel.hip_slice_kernel, triton_decode._sparse_decode_kernel)
+    times = {(name, fast): [] for name in cases for fast in (True, False)}
+    for fn in cases.values():
+        fn()  # compile
+    for _ in range(args.rounds):
+        for fast in (True, False):
+            for kernel in kernels:
+                kernel._direct = fast  # False: every launch through kernel.kernel[grid](...)
+            for name, fn in cases.items():
+                times[(name, fast)].append(loop_us(fn, args.calls))
+    rows = []
+    for name in cases:
+        fast, plain = times[(name, True)], times[(name, False)]
+        rows.append({"case": name, "fast_launch_us": statistics.median(fast),
+                     "triton_launch_us": statistics.median(plain), "fast_launch_range": [min(fast), max(fast)],
+                     "triton_launch_range": [min(plain), max(plain)]})
+    dense = rows[0]
+    result = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+              "triton": triton.__version__, "python": platform.python_version(), "context": args.context,
+              "rounds": args.rounds, "calls": args.calls, "rows": rows}
+    lines = [f"# Eager decode steps: fast_launch against Triton's launch ({result['device']})", "",
+             f"Command: `{result['command']}`", "",
+             f"{result['date']}; torch {result['torch']}, triton {result['triton']}. One query over {args.context} "
+             f"keys, Llama-3-8B shape, bf16. Medians of {args.rounds} interleaved rounds of {args.calls} back-to-back "
+             "calls (host included); speedup = dense SDPA's median / this.", "",
+             "| case | fast_launch us | Triton launch us | speedup, fast_launch | speedup, Triton launch | ranges |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['fast_launch_us']:.1f} | {r['triton_launch_us']:.1f} | "
+                     f"{dense['fast_launch_us'] / r['fast_launch_us']:.2f}x | "
+                     f"{dense['triton_launch_us'] / r['triton_launch_us']:.2f}x | "
+                     f"{r['fast_launch_range'][0]:.0f}-{r['fast_launch_range'][1]:.0f} / "
+                     f"{r['triton_launch_range'][0]:.0f}-{r['triton_launch_range'][1]:.0f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "launch.json").write_text(json.dumps(result, indent=1))
+    (args.out / "launch.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""fast_launch: its cache key never merges two arguments Triton specialises apart, and a launch through it computes
+what the kernel launched through Triton does (on the GPU, where it calls compiled kernels directly)."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from hf_longattn.kernels import SparsePattern, sparse_attention, sparse_attention_reference  # noqa: E402
+from hf_longattn.kernels.launch import _Layout  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+INTS = [0, 1, 2, 15, 16, 17, 32, 4096, 131072, 2**31 - 16, 2**31 - 1, 2**31, 2**31 + 16, -1, -16, -(2**31),
+        -(2**31) - 1, 2**62, 2**63 - 16, 2**63, 2**63 + 16, 2**64 - 16]
+
+
+def triton_specialisation(arg):
+    """Triton's own specialisation of a non-constexpr argument, as its binder computes it for a CUDA kernel."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+        return native_specialize_impl(CUDABackend, arg, False, True, True)
+    except (ImportError, TypeError) as error:  # the binder's internals differ in this Triton version
+        pytest.skip(f"this Triton ({triton.__version__}) has no native_specialize_impl of the known signature: {error}")
+
+
+def key(arg):
+    """fast_launch's key of a launch whose one argument is `arg` (None: it launches through Triton)."""
+    return _Layout((type(arg),)).key((arg,))
+
+
+def test_the_cache_key_separates_whatever_triton_specialises_apart():
+    storage = torch.zeros(64, dtype=torch.bfloat16)
+    tensors = [storage[i:] for i in range(10)] + [storage.float()[i:] for i in range(6)] + [storage.int()[1:]]
+    values = INTS + tensors + [0.5, 1.0, True, False, None]
+    keyed = [v for v in values if key(v) is not None]
+    assert len(keyed) == len(values) - sum(not -(2**31) <= v < 2**31 for v in INTS)  # wide ints: through Triton
+    for a, b in itertools.combinations(keyed, 2):
+        if type(a) is type(b) and key(a) == key(b):
+            assert triton_specialisation(a) == triton_specialisation(b), (a, b)
+    # and it does not keep apart what needs no separate kernel: one key for the tensors of one dtype and alignment
+    assert len({key(t) for t in tensors[:10]}) == 2
+
+
+def test_the_cache_key_of_mixed_arguments_is_the_key_of_each():
+    """Packed by type, the key of a launch still follows every argument: change one and the key changes."""
+    storage = torch.zeros(64, dtype=torch.bfloat16)
+    args = (storage, 16, None, 0.5, storage[8:], 1, True, 17)
+    layout = _Layout(tuple(map(type, args)))
+    for i, changed in [(0, storage[1:]), (1, 17), (2, 3), (4, storage[9:]), (5, 2), (6, False), (7, 32)]:
+        assert layout.key(args[:i] + (changed,) + args[i + 1:]) != layout.key(args), i
+    assert layout.key(args[:3] + (0.25,) + args[4:]) == layout.key(args)  # floats are not specialised
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_through_fast_launch_matches_the_reference_as_lengths_and_alignment_change():
+    from hf_longattn.kernels.triton_decode import _sparse_decode_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    storage = torch.randn(1, 2, 700, 66, generator=gen).cuda().to(torch.bfloat16)
+    query = torch.randn(1, 8, 1, 64, generator=gen).cuda().to(torch.bfloat16)
+    # Growing caches, first 16-byte aligned, then views that start a few bytes in (a kernel compiled for aligned rows
+    # would read them wrongly): each must get a kernel of its own, and the repeats must reuse it.
+    for offset, k_len in [(0, 300), (0, 301), (0, 320), (2, 301), (2, 320), (0, 333), (1, 333), (0, 1)] * 2:
+        key = storage[..., :k_len, offset:offset + 64]
+        value = storage[..., 1:k_len + 1, offset:offset + 64]
+        pattern = SparsePattern(torch.tensor([[[[0, 2]]] * 2], dtype=torch.int32, device="cuda"),
+                                torch.full((1, 2, 1), 2, dtype=torch.int32, device="cuda"), 16, 16, 16, 64)
+        out = sparse_attention(query, key, value, pattern)
+        expected = sparse_attention_reference(query.float(), key.float(), value.float(), pattern)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    assert _sparse_decode_kernel.compiled, "the decode kernel did not go through fast_launch's cache"
