@@ -6,7 +6,12 @@ generate() gets). The decode kernels launch alternately through fast_launch and 
 `--rounds` times each, and the medians are reported: the H200 host's speed drifts by up to 2x between and within
 calls, so only an interleaved comparison separates the two.
 
+With --e2e-context N, generate() instead (benchmarks/run.py's random-weight Llama-3.1-8B config, a dynamic cache,
+16 tokens after the first), one process, rounds interleaved: dense SDPA with and without cuDNN, and HiP at its
+defaults with fast_launch on and off, and with SDPA's cuDNN off.
+
     PYTHONPATH=$PWD python benchmarks/bench_launch.py --out benchmarks/results/fast_launch_h200
+    PYTHONPATH=$PWD python benchmarks/bench_launch.py --e2e-context 32768 --rounds 4 --out ...
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=131072)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--e2e-context", type=int, help="time generate() at this prompt length instead")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fast_launch_h200"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_launch.py needs a CUDA GPU")
+    if args.e2e_context:
+        return end_to_end(args)
     import triton
 
     from hf_longattn.kernels import hip_mask_kernel, sparse_attention, triton_decode
@@ -64,7 +72,7 @@ def main(argv=None):
     for _ in range(args.rounds):
         for fast in (True, False):
             for kernel in kernels:
-                kernel._direct = fast  # False: every launch through kernel.kernel[grid](...)
+                kernel.enabled = fast  # False: every launch through kernel.kernel[grid](...)
             for name, fn in cases.items():
                 times[(name, fast)].append(loop_us(fn, args.calls))
     rows = []
@@ -94,6 +102,52 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "launch.json").write_text(json.dumps(result, indent=1))
     (args.out / "launch.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def end_to_end(args):
+    """Decode ms a token of generate() (the median interval), arms interleaved round by round."""
+    import contextlib
+
+    from benchmarks.run import build_model, sdpa_without_cudnn, warm_up
+    from benchmarks.timing import environment, time_generate
+    from hf_longattn import patch_model, unpatch_model
+    from hf_longattn.kernels import hip_mask_kernel, triton_decode
+
+    model = build_model("llama-3.1-8b")
+    ids = torch.randint(100, model.config.vocab_size, (1, args.e2e_context),
+                        generator=torch.Generator().manual_seed(0)).to(model.device)
+    kernels = (hip_mask_kernel.hip_lse_kernel, hip_mask_kernel.hip_slice_kernel, triton_decode._sparse_decode_kernel)
+    arms = {"dense SDPA": ("dense", None, False), "dense SDPA, cuDNN off": ("dense", None, True),
+            "hip, fast_launch": ("hip", True, False), "hip, Triton launch": ("hip", False, False),
+            "hip, fast_launch, cuDNN off": ("hip", True, True)}
+    times = {arm: [] for arm in arms}
+    for round_ in range(args.rounds + 1):  # round 0 compiles
+        for arm, (method, fast, no_cudnn) in arms.items():
+            if method == "hip":
+                patch_model(model, "hip")
+                for kernel in kernels:
+                    kernel.enabled = fast
+            with sdpa_without_cudnn() if no_cudnn else contextlib.nullcontext():
+                if round_ == 0:
+                    warm_up(model, ids[:, :4096])
+                else:
+                    times[arm].append(time_generate(model, ids, 16)["decode_ms_per_token"])
+            unpatch_model(model)
+    result = {"environment": environment(), "context": args.e2e_context, "rounds": args.rounds,
+              "decode_ms_per_token": times}
+    lines = [f"# generate() decode at {args.e2e_context} tokens: fast_launch against Triton's launch", "",
+             f"Command: `{result['environment']['command']}`", "",
+             "{date}, {device}, torch {torch}, triton {triton}, transformers {transformers}. ".format(
+                 **result["environment"]) +
+             "Random-weight Llama-3.1-8B config, bf16, dynamic cache, batch 1, 16 tokens after the first; per round "
+             f"the median interval between tokens; {args.rounds} rounds, the arms interleaved in each.", "",
+             "| arm | median of rounds, ms a token | rounds |", "|---|---|---|"]
+    for arm, values in times.items():
+        lines.append(f"| {arm} | {statistics.median(values):.1f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "e2e.json").write_text(json.dumps(result, indent=1))
+    (args.out / "e2e.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -76,7 +76,8 @@ class FastLaunch:
         self.kernel = kernel
         self.compiled: dict = {}  # key -> (compiled kernel, the parameters after the positional ones)
         self.layouts: dict[tuple, _Layout] = {}
-        self._direct: bool | None = None  # decided at the first launch (the driver is not up at import)
+        self.enabled = True  # False: every launch through Triton (benchmarks/bench_launch.py compares the two)
+        self._direct: bool | None = None  # whether the direct call applies, decided at the first launch
         parameters = inspect.signature(kernel.fn).parameters.values()
         self.names = [p.name for p in parameters]
         self.defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
@@ -93,7 +94,7 @@ class FastLaunch:
                 active = triton.runtime.driver.active
                 self._device, self._stream, self._runtime = active.get_current_device, active.get_current_stream, \
                     knobs.runtime
-        if not self._direct or callable(grid):
+        if not (self._direct and self.enabled) or callable(grid):
             return self.kernel[grid](*args, **kwargs)
         device = self._device()
         types = tuple(map(type, args))
