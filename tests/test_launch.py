@@ -78,3 +78,15 @@ def test_decode_through_fast_launch_matches_the_reference_as_lengths_and_alignme
         expected = sparse_attention_reference(query.float(), key.float(), value.float(), pattern)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     assert _sparse_decode_kernel.compiled, "the decode kernel did not go through fast_launch's cache"
+
+
+def test_constexprs_passed_by_position_are_keyed_by_value():
+    """Two tile sizes (32, 64) look alike to the integer key (both multiples of 16): a constexpr must be keyed by
+    its value, whether passed by name or by position."""
+    from hf_longattn.kernels.triton_decode import _sparse_decode_kernel
+
+    names = [_sparse_decode_kernel.names[i] for i in _sparse_decode_kernel.constexprs]
+    assert {"BLOCK_N", "HEAD_DIM", "SOFTCAP"} <= set(names) and not {"k_len", "Q", "stride_kh"} & set(names)
+    x, types = torch.zeros(4), (torch.Tensor, int)
+    assert _Layout(types, frozenset([1])).key((x, 32)) != _Layout(types, frozenset([1])).key((x, 64))
+    assert _Layout(types).key((x, 32)) == _Layout(types).key((x, 64))  # a runtime int: one kernel for both

@@ -32,14 +32,16 @@ class _Layout:
     """Where a launch's tensors, integers and other arguments sit, so that `key` takes a few C-level maps: keyed in
     Python argument by argument, a launch of the decode kernel cost nearly as much host time as Triton's own."""
 
-    def __init__(self, types: tuple):
+    def __init__(self, types: tuple, constexprs: frozenset = frozenset()):
         def getter(positions):
             return (lambda args: tuple(args[i] for i in positions)) if len(positions) < 2 else itemgetter(*positions)
 
-        self.tensors = getter([i for i, t in enumerate(types) if issubclass(t, torch.Tensor)])
-        self.ints = getter([i for i, t in enumerate(types) if t is int])
-        self.others = getter([i for i, t in enumerate(types) if t is not int and t is not float
-                              and not issubclass(t, torch.Tensor)])  # floats: by type alone
+        runtime = [(i, t) for i, t in enumerate(types) if i not in constexprs]
+        self.tensors = getter([i for i, t in runtime if issubclass(t, torch.Tensor)])
+        self.ints = getter([i for i, t in runtime if t is int])
+        # By value: constexprs passed by position, None, bools, strings (floats are not specialised: by type alone).
+        self.others = getter([i for i, t in enumerate(types) if i in constexprs
+                              or not (t is int or t is float or issubclass(t, torch.Tensor))])
 
     def key(self, args) -> tuple | None:
         """What Triton's specialisation of the arguments depends on (or more): the tensors' dtypes and 16-byte
@@ -80,6 +82,7 @@ class FastLaunch:
         self._direct: bool | None = None  # whether the direct call applies, decided at the first launch
         parameters = inspect.signature(kernel.fn).parameters.values()
         self.names = [p.name for p in parameters]
+        self.constexprs = frozenset(i for i, p in enumerate(parameters) if "constexpr" in str(p.annotation))
         self.defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
     def __getitem__(self, grid):
@@ -100,7 +103,7 @@ class FastLaunch:
         types = tuple(map(type, args))
         layout = self.layouts.get(types)
         if layout is None:
-            layout = self.layouts[types] = _Layout(types)
+            layout = self.layouts[types] = _Layout(types, self.constexprs)
         key = layout.key(args)
         if key is None:
             return self.kernel[grid](*args, **kwargs)
