@@ -27,14 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
-def loop_us(fn, calls: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+from benchmarks.bench_hip import loop_us
 
 
 def main(argv=None):
