@@ -90,3 +90,47 @@ def test_constexprs_passed_by_position_are_keyed_by_value():
     x, types = torch.zeros(4), (torch.Tensor, int)
     assert _Layout(types, frozenset([1])).key((x, 32)) != _Layout(types, frozenset([1])).key((x, 64))
     assert _Layout(types).key((x, 32)) == _Layout(types).key((x, 64))  # a runtime int: one kernel for both
+
+
+def test_fast_launch_calls_triton_once_a_key_then_the_compiled_kernel():
+    """The caching logic, with a stand-in for a Triton kernel (a CPU has no compiled kernels to call directly)."""
+    from types import SimpleNamespace
+
+    from hf_longattn.kernels.launch import FastLaunch
+
+    launches, direct = [], []
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def launch_metadata(self, grid, stream, *params):
+            return None
+
+        def run(self, x, y, z, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *params):
+            direct.append(((x, y, z), params))
+
+    class StandIn:  # kernel[grid](...) launches through Triton and returns the compiled kernel
+        @staticmethod
+        def fn(X, n, BLOCK: "tl.constexpr", EVEN: "tl.constexpr" = True):  # noqa: F821
+            pass
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs)) or Compiled()
+
+    fast = FastLaunch(StandIn())
+    fast._direct, fast._device, fast._stream = True, (lambda: 0), (lambda device: 0)
+    fast._runtime = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    x = torch.zeros(8)
+    fast[(2,)](x, 5, BLOCK=32)
+    fast[(3, 2)](x, 6, BLOCK=32)  # same key: the compiled kernel, every parameter in order, the default filled in
+    assert len(launches) == 1 and direct == [((3, 2, 1), (x, 6, 32, True))]
+    for n, block in [(16, 32), (1, 32), (5, 64)]:  # divisible by 16, equal to 1, another constexpr: new kernels
+        fast[(2,)](x, n, BLOCK=block)
+    fast[(2,)](x[1:], 5, BLOCK=32)  # 4 bytes in: not 16-byte aligned
+    assert len(launches) == 5 and len(direct) == 1
+    for _ in range(2):  # a runtime argument by name is keyed by value: through Triton every time, nothing kept
+        fast[(2,)](x, n=5, BLOCK=32)
+    assert len(launches) == 7 and len(fast.compiled) == 5
+    fast[(2,)](x, 5, 64)
+    fast[(2,)](x, 5, 64)  # a constexpr by position, keyed by its value
+    assert len(launches) == 8 and direct[-1] == ((2, 1, 1), (x, 5, 64, True))

@@ -83,6 +83,7 @@ class FastLaunch:
         parameters = inspect.signature(kernel.fn).parameters.values()
         self.names = [p.name for p in parameters]
         self.constexprs = frozenset(i for i, p in enumerate(parameters) if "constexpr" in str(p.annotation))
+        self.runtime_names = [n for i, n in enumerate(self.names) if i not in self.constexprs]
         self.defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
     def __getitem__(self, grid):
@@ -110,8 +111,11 @@ class FastLaunch:
         key = (device, types, key, tuple(kwargs.items()))
         found = self.compiled.get(key)
         if found is None:  # through Triton: compiles, or finds the kernel in its caches
-            tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
-            self.compiled[key] = self.kernel[grid](*args, **kwargs), tail
+            compiled = self.kernel[grid](*args, **kwargs)
+            # A runtime argument passed by name is keyed by its value: never kept, the cache would only grow.
+            if not any(name in kwargs for name in self.runtime_names):
+                tail = tuple(kwargs[n] if n in kwargs else self.defaults[n] for n in self.names[len(args):])
+                self.compiled[key] = compiled, tail
             return
         # Every parameter in signature order, constexprs included (fixed by the key), as JITFunction.run passes them.
         compiled, tail = found
