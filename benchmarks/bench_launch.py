@@ -44,7 +44,8 @@ def main(argv=None):
         return end_to_end(args)
     import triton
 
-    from hf_longattn.kernels import hip_mask_kernel, sparse_attention, triton_decode
+    from hf_longattn.kernels import sparse_attention
+    from hf_longattn.kernels.launch import FastLaunch
     from hf_longattn.kernels.pattern import window_pattern
     from hf_longattn.methods.base import AttentionCall
     from hf_longattn.methods.hip import Hip, HipConfig
@@ -58,14 +59,12 @@ def main(argv=None):
     for preset in ("retrieval", "paper"):  # refresh_interval=1: every step searches
         method, call = Hip(HipConfig(preset=preset, refresh_interval=1)), AttentionCall(0, 128**-0.5, None, None)
         cases[f"hip {preset}: step (search + attend)"] = lambda m=method, c=call: m.attend(q, k, v, c)
-    kernels = (hip_mask_kernel.hip_lse_kernel, hip_mask_kernel.hip_slice_kernel, triton_decode._sparse_decode_kernel)
     times = {(name, fast): [] for name in cases for fast in (True, False)}
     for fn in cases.values():
         fn()  # compile
     for _ in range(args.rounds):
         for fast in (True, False):
-            for kernel in kernels:
-                kernel.enabled = fast  # False: every launch through kernel.kernel[grid](...)
+            FastLaunch.enabled = fast  # False: every launch through Triton's JITFunction.run
             for name, fn in cases.items():
                 times[(name, fast)].append(loop_us(fn, args.calls))
     rows = []
@@ -105,12 +104,11 @@ def end_to_end(args):
     from benchmarks.run import build_model, sdpa_without_cudnn, warm_up
     from benchmarks.timing import environment, time_generate
     from hf_longattn import patch_model, unpatch_model
-    from hf_longattn.kernels import hip_mask_kernel, triton_decode
+    from hf_longattn.kernels.launch import FastLaunch
 
     model = build_model("llama-3.1-8b")
     ids = torch.randint(100, model.config.vocab_size, (1, args.e2e_context),
                         generator=torch.Generator().manual_seed(0)).to(model.device)
-    kernels = (hip_mask_kernel.hip_lse_kernel, hip_mask_kernel.hip_slice_kernel, triton_decode._sparse_decode_kernel)
     arms = {"dense SDPA": ("dense", None, False), "dense SDPA, cuDNN off": ("dense", None, True),
             "hip, fast_launch": ("hip", True, False), "hip, Triton launch": ("hip", False, False),
             "hip, fast_launch, cuDNN off": ("hip", True, True)}
@@ -119,8 +117,7 @@ def end_to_end(args):
         for arm, (method, fast, no_cudnn) in arms.items():
             if method == "hip":
                 patch_model(model, "hip")
-                for kernel in kernels:
-                    kernel.enabled = fast
+                FastLaunch.enabled = fast
             with sdpa_without_cudnn() if no_cudnn else contextlib.nullcontext():
                 if round_ == 0:
                     warm_up(model, ids[:, :4096])

@@ -74,11 +74,12 @@ def _direct_launch_supported(kernel) -> bool:
 class FastLaunch:
     """`fast_launch(kernel)[grid](*args, **constexprs)`: the same launch as `kernel[grid](...)`, with less host work."""
 
+    enabled = True  # FastLaunch.enabled = False: every launch through Triton (benchmarks/bench_launch.py compares)
+
     def __init__(self, kernel):
         self.kernel = kernel
         self.compiled: dict = {}  # key -> (compiled kernel, the parameters after the positional ones)
         self.layouts: dict[tuple, _Layout] = {}
-        self.enabled = True  # False: every launch through Triton (benchmarks/bench_launch.py compares the two)
         self._direct: bool | None = None  # whether the direct call applies, decided at the first launch
         parameters = inspect.signature(kernel.fn).parameters.values()
         self.names = [p.name for p in parameters]
