@@ -1,5 +1,6 @@
 """LongHeads speed on one attention layer of Llama-3-8B's shape (32 query heads, 8 kv heads, head_dim 128, Llama 3.1's
-RoPE), bf16, batch 1, cap 4096 in chunks of 256 (the defaults for a model trained on 128K).
+RoPE), bf16, batch 1, cap 4096 in chunks of 256 (the defaults for a model trained on 128K); the queries in the memory
+order a model passes them.
 
 Prefill at each context: SDPA's cuDNN backend (dense, causal) against LongHeads from a fresh state (representatives
 of every chunk + selection + gather/rotate + the shared sparse kernel), for each --block-sizes; the CUDA time of one
@@ -42,8 +43,9 @@ PHASES = {"select_layout": "selection", "gather_rotate": "gather + rotate", "spa
 
 
 def inputs(context: int, q_len: int):
+    """Queries as a model passes them: [B, H, L, D] over [B, L, H, D] memory (q_proj's output, transposed)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, HEADS, q_len, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(1, q_len, HEADS, DIM, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
     k = torch.randn(1, KV_HEADS, context, DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
     return q, k, torch.randn_like(k)
 

@@ -143,14 +143,15 @@ def _gather_case(seed=0, heads=3):
 def test_gather_reference_copies_turns_and_zeroes(heads):
     key, value, src, delta, inv_freq = _gather_case(heads=heads)
     keys, values = gather_rotate_reference(key, value, src, delta, 8, inv_freq)
-    keys, values = keys.view(2, heads, 2, 3, 8, 16), values.view(2, heads, 2, 3, 8, 16)
+    assert keys.shape == values.shape == (2 * 2, heads, 3 * 8, 16)  # [B * nQB, H, slots * chunk_size, D]
+    keys, values = keys.view(2, 2, heads, 3, 8, 16), values.view(2, 2, heads, 3, 8, 16)
     for b, h, j, s, t in itertools.product(range(2), range(heads), range(2), range(3), range(8)):
         p, kv = int(src[b, h, j, s]) + t, h * 3 // heads
         if src[b, h, j, s] < 0 or p >= 50:
-            assert not keys[b, h, j, s, t].any() and not values[b, h, j, s, t].any()
+            assert not keys[b, j, h, s, t].any() and not values[b, j, h, s, t].any()
         else:
-            torch.testing.assert_close(values[b, h, j, s, t], value[b, kv, p])
-            torch.testing.assert_close(keys[b, h, j, s, t], rotate(key[b, kv, p], delta[b, h, j, s], inv_freq))
+            torch.testing.assert_close(values[b, j, h, s, t], value[b, kv, p])
+            torch.testing.assert_close(keys[b, j, h, s, t], rotate(key[b, kv, p], delta[b, h, j, s], inv_freq))
 
 
 @pytest.mark.parametrize("heads", [3, 6], ids=["per-kv-head", "per-query-head"])
@@ -247,7 +248,8 @@ def _method_inputs(model, starts, q_len, k_len, seed=0):
     dict(q_len=1, k_len=75),  # decode
     dict(q_len=9, k_len=75, softcap=5.0),  # a chunked-prefill call, Gemma 2's softcap
     dict(q_len=72, k_len=72, shared_kv_heads=False),  # a selection per query head
-], ids=["prefill", "decode", "chunked-softcap", "per-head"])
+    dict(q_len=72, k_len=72, model_layout=True),  # queries in transformers' memory order, read where they are
+], ids=["prefill", "decode", "chunked-softcap", "per-head", "model-layout"])
 def test_method_matches_the_papers_algorithm_one_query_at_a_time(case, monkeypatch):
     if case["q_len"] == 72 and case.get("shared_kv_heads", True):  # rounds of one query block / one chunk each
         monkeypatch.setitem(LongHeadsModule._ROUND_ELEMENTS, "cpu", 1)
@@ -256,6 +258,9 @@ def test_method_matches_the_papers_algorithm_one_query_at_a_time(case, monkeypat
     starts = torch.tensor([0, 5])
     options = dict(SMALL, shared_kv_heads=case.get("shared_kv_heads", True))
     q_raw, k_raw, q, k, v = _method_inputs(model, starts, case["q_len"], case["k_len"])
+    if case.get("model_layout"):
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        assert LongHeadsModule._blocked_queries(q, 72).data_ptr() == q.data_ptr()  # no copy
     softcap = case.get("softcap")
     # The representatives come from the queries of every chunk: a first call shows the method all earlier queries.
     method, state = LongHeads(LongHeadsConfig(**options)), {}
@@ -479,6 +484,8 @@ def test_selection_kernel_matches_reference(case):
     for name, value in expected.items():
         assert torch.equal(got[name].cpu().long(), value.long()), name
     assert (expected["delta"] != 0).any()  # chunks moved: the case selects
+    for name in ("kv_start", "q_offset"):  # one per (row, query block): prefill reads head 0's for all heads
+        assert torch.equal(expected[name], expected[name][:, :1].expand_as(expected[name])), name
 
 
 def test_the_kernels_chunk_vector_does_not_grow_with_the_state_up_to_128k():
@@ -524,6 +531,25 @@ def test_representatives_kernel_in_bf16_on_gpu_matches_reference():
     got = chunk_representatives_triton(*views, chunk_index, 256, inv_freq, 128**-0.5, None)
     expected = chunk_representatives_reference(*(x.float() for x in views), chunk_index, 256, inv_freq, 128**-0.5, None)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("q_len", [200, 202], ids=["whole-blocks-in-place", "padded-block"])
+def test_prefill_on_gpu_matches_the_reference_path(q_len, monkeypatch):
+    """The method's prefill through its Triton kernels (float32: the same selections) = through the PyTorch
+    references on the CPU: left padding, queries in transformers' memory order, rounds of a few query blocks."""
+    monkeypatch.setitem(LongHeadsModule._ROUND_ELEMENTS, "cuda", 1 << 14)
+    model = make_model("llama")
+    starts = torch.tensor([0, 13])
+    _, _, q, k, v = _method_inputs(model, starts, q_len, q_len, seed=7)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    outputs = []
+    for device in ("cpu", "cuda"):
+        method = LongHeads(LongHeadsConfig(**SMALL))
+        call = AttentionCall(0, 0.3, None, starts.to(device), {}, module=_module(model))
+        outputs.append(method.attend(q.to(device), k.to(device), v.to(device), call).cpu())
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4)
 
 
 # --- the one-launch decode step -------------------------------------------------------------------------------------

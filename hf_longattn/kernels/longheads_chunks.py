@@ -154,6 +154,8 @@ def chunk_layout(ids: torch.Tensor, counts: torch.Tensor, local_lo: torch.Tensor
     ids/counts from `select_chunks` ([B, H, nQB, K], [B, H, nQB]); local_lo/local_hi/first_query [B, nQB]. Returns
     src_start [B, H, nQB, S] (first key of the slot's chunk, -1 for an unused slot), delta [B, H, nQB, S],
     kv_start [B, H, nQB] (first valid key of the compact sequence) and q_offset [B, H, nQB] (its first query's index).
+    Both are the same for every head of a (row, query block): a block of real queries gives every candidate a finite
+    score, so every head keeps min(candidates, n_select) chunks (a block of padding keeps none).
     """
     far_slots = num_chunks - 2
     lo, hi = local_lo.unsqueeze(1), local_hi.unsqueeze(1)  # [B, 1, nQB]

@@ -34,6 +34,7 @@ def longheads_decode_reference(query, key, value, reps, row_start, inv_freq, *, 
                                      block_size_q=1, chunk_size=chunk_size, num_chunks=num_chunks, scale=scale,
                                      heads=heads)
     keys, values = gather_rotate_reference(key, value, layout["src_start"], layout["delta"], chunk_size, inv_freq)
+    keys, values = (t.reshape(batch * heads, 1, *t.shape[2:]) for t in (keys, values))  # one sequence per (row, head)
     q = query.reshape(batch * heads, num_q_heads // heads, 1, dim)
     out = dense_attention(q, keys, values, scale, softcap, kv_start=layout["kv_start"].reshape(-1),
                           q_offset=layout["q_offset"].reshape(-1))

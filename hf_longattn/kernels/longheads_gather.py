@@ -1,5 +1,7 @@
 """Copy chunks of the key/value cache into compact per-(row, head, query block) sequences, turning each copied key by
-its chunk's position shift (a relative RoPE rotation, see hf_longattn/rope.py); values are copied as they are.
+its chunk's position shift (a relative RoPE rotation, see hf_longattn/rope.py); values are copied as they are. The
+sequences of one (row, query block) are the heads of one batch entry: the shared kernel then reads a block's queries
+where they already are (transformers' [B, L, H, D] memory) and writes its output in place (methods/longheads.py).
 
 `gather_rotate_reference` is the PyTorch statement; `gather_rotate_triton` does the same in one pass over the copied
 keys (longheads_gather_kernel.py, imported on first use); `gather_rotate` dispatches: Triton on CUDA, the reference
@@ -30,7 +32,7 @@ def gather_rotate_reference(key, value, src_start, delta, chunk_size: int, inv_f
     key/value head). Row (b, h, j) copies, into its slot s, the chunk_size keys from position src_start[b, h, j, s] of
     key/value head h * Hkv // H (nothing when src_start < 0), keys turned by delta[b, h, j, s].
 
-    Returns (keys, values), each [B * H * nQB, 1, S * chunk_size, D] in the cache's dtype.
+    Returns (keys, values), each [B * nQB, H, S * chunk_size, D] in the cache's dtype.
     """
     _check(key, value, src_start, delta)
     batch, heads, n_blocks, slots = src_start.shape
@@ -43,8 +45,8 @@ def gather_rotate_reference(key, value, src_start, delta, chunk_size: int, inv_f
     keys = rotate(key[b, h, pos], delta.unsqueeze(-1).expand_as(pos), inv_freq)
     keys = keys.masked_fill(~live.unsqueeze(-1), 0)
     values = value[b, h, pos].masked_fill(~live.unsqueeze(-1), 0)
-    rows = batch * heads * n_blocks
-    return keys.reshape(rows, 1, slots * chunk_size, -1), values.reshape(rows, 1, slots * chunk_size, -1)
+    shape = (batch * n_blocks, heads, slots * chunk_size, -1)
+    return keys.transpose(1, 2).reshape(shape), values.transpose(1, 2).reshape(shape)
 
 
 def gather_rotate_triton(key, value, src_start, delta, chunk_size: int, inv_freq, block_tokens: int = 32,
@@ -57,8 +59,8 @@ def gather_rotate_triton(key, value, src_start, delta, chunk_size: int, inv_freq
     _check(key, value, src_start, delta)
     batch, heads, n_blocks, slots = src_start.shape
     rows, dim = batch * heads * n_blocks, key.shape[-1]
-    keys = torch.empty(rows, 1, slots * chunk_size, dim, dtype=key.dtype, device=key.device)
-    values = torch.empty(rows, 1, slots * chunk_size, dim, dtype=value.dtype, device=value.device)
+    keys = torch.empty(batch * n_blocks, heads, slots * chunk_size, dim, dtype=key.dtype, device=key.device)
+    values = torch.empty_like(keys, dtype=value.dtype)
     src_start, delta = src_start.to(torch.int32).contiguous(), delta.to(torch.int32).contiguous()
     inv_freq = inv_freq.to(device=key.device, dtype=torch.float32).contiguous()
     block_tokens = min(block_tokens, triton.next_power_of_2(chunk_size))

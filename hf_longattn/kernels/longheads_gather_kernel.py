@@ -24,7 +24,8 @@ def gather_rotate_kernel(
     start = tl.load(SRC_START + row * slots + slot)
     delta = tl.load(DELTA + row * slots + slot).to(tl.float32)
     b = (row // (num_heads * n_blocks)).to(tl.int64)  # rows are [B, H, nQB]
-    h = ((row // n_blocks) % num_heads * num_kv_heads // num_heads).to(tl.int64)  # the pattern head's kv head
+    head = (row // n_blocks) % num_heads
+    h = (head * num_kv_heads // num_heads).to(tl.int64)  # the pattern head's kv head
 
     pos = start + t
     in_chunk = t < chunk_size
@@ -40,8 +41,9 @@ def gather_rotate_kernel(
     v1 = tl.load(v_rows + f[None, :] * stride_vd, mask=load_mask, other=0.0)
     v2 = tl.load(v_rows + (f[None, :] + HALF) * stride_vd, mask=load_mask, other=0.0)
 
-    # Output rows are contiguous [R, 1, slots * chunk_size, 2 * HALF].
-    out_row = (row.to(tl.int64) * slots * chunk_size + slot * chunk_size + t)[:, None] * (2 * HALF)
+    # The output is contiguous [B * nQB, H, slots * chunk_size, 2 * HALF].
+    out_seq = (b * n_blocks + row % n_blocks) * num_heads + head
+    out_row = (out_seq * slots * chunk_size + slot * chunk_size + t)[:, None] * (2 * HALF)
     store_mask = in_chunk[:, None] & f_ok[None, :]
     t1, t2 = turn_halves(k1, k2, cos, sin)
     tl.store(OUT_K + out_row + f[None, :], t1.to(OUT_K.dtype.element_ty), mask=store_mask)

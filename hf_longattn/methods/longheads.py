@@ -268,34 +268,50 @@ class LongHeads(SparseMethod):
         batch, num_q_heads, q_len, dim = query.shape
         k_len, device = key.shape[2], query.device
         heads = key.shape[1] if c.shared_kv_heads else num_q_heads
-        group = num_q_heads // heads
         block = c.block_size_q  # also for a shorter call, padded: a block size per call length would recompile kernels
         n_blocks = -(-q_len // block)
         slots = num_chunks - 2 + LOCAL_SLOTS  # far chunks, then the local region
-        per_round = max(1, _round_elements(device) // (batch * heads * slots * size * dim))  # compact keys of a round
+        per_round = max(1, _round_elements(device) // (heads * slots * size * dim))  # compact keys of a round
 
         layout = select_layout(query, state.reps, state.row_start, inv_freq, k_len=k_len, first_block=0,
                                n_blocks=n_blocks, block_size_q=block, chunk_size=size, num_chunks=num_chunks,
                                scale=call.scale, heads=heads)
-        # Query blocks in the order of `out`: each round writes its blocks there in one copy.
-        out = query.new_empty(batch, n_blocks, block, heads, group, dim)
-        q = torch.nn.functional.pad(query, (0, 0, 0, n_blocks * block - q_len)) if q_len % block else query
-        for j0 in range(0, n_blocks, per_round):
-            nb = min(per_round, n_blocks - j0)
-            part = {name: t[:, :, j0:j0 + nb] for name, t in layout.items()}
-            rows = batch * heads * nb
-            keys, values = gather_rotate(key, value, part["src_start"], part["delta"], size, inv_freq)
-            q_rows = q[:, :, j0 * block:(j0 + nb) * block].reshape(batch, heads, group, nb, block, dim)
-            q_rows = q_rows.transpose(2, 3).reshape(rows, group, block, dim)
-            pattern = window_pattern(rows, 1, block, block, size, 0, slots * size, device)  # covers each sequence
-            o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
-                                 kv_start=part["kv_start"].reshape(-1), q_offset=part["q_offset"].reshape(-1))
-            out[:, j0:j0 + nb] = o.view(batch, heads, nb, block, group, dim).permute(0, 2, 3, 1, 4, 5)
-        out = out.view(batch, n_blocks * block, num_q_heads, dim)[:, :q_len]
+        # A round runs the query blocks j0 .. j0 + nb of one row as a batch of nb entries, each with its compact
+        # sequences as heads: the queries and the output stay in transformers' [B, L, Hq, D] memory, not copied.
+        queries = _blocked_queries(query, n_blocks * block)
+        out = query.new_empty(batch, n_blocks * block, num_q_heads, dim)
+        for b in range(batch):
+            for j0 in range(0, n_blocks, per_round):
+                nb = min(per_round, n_blocks - j0)
+                part = {name: t[b:b + 1, :, j0:j0 + nb] for name, t in layout.items()}
+                keys, values = gather_rotate(key[b:b + 1], value[b:b + 1], part["src_start"], part["delta"], size,
+                                             inv_freq)
+                rows = slice(j0 * block, (j0 + nb) * block)
+                q_rows = queries[b, rows].view(nb, block, num_q_heads, dim).transpose(1, 2)
+                pattern = window_pattern(nb, heads, block, block, size, 0, slots * size, device)  # covers each sequence
+                # The far chunks, hence where each sequence starts, are the same for every head of a block
+                # (longheads_chunks.chunk_layout): head 0's serve the whole block.
+                o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
+                                     kv_start=part["kv_start"][0, 0], q_offset=part["q_offset"][0, 0])
+                out[b, rows].view(nb, block, num_q_heads, dim).copy_(o)
+        out = out[:, :q_len]
         if call.kv_start is not None and q_len > 1:  # queries on left padding see no key: 0, as dense gives
             positions = torch.arange(k_len - q_len, k_len, device=device)
             out = out.masked_fill((positions < state.row_start.view(-1, 1)).view(batch, q_len, 1, 1), 0)
         return out
+
+
+def _blocked_queries(query: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length, Hq, D]: the queries in transformers' memory order, padded with zeros to `length` rows; a view of
+    query when it already is that (a prefill of whole blocks from a model), else one copy."""
+    batch, num_q_heads, q_len, dim = query.shape
+    rows = query.transpose(1, 2)
+    if q_len == length and rows.is_contiguous():
+        return rows
+    padded = query.new_empty(batch, length, num_q_heads, dim)
+    padded[:, :q_len] = rows
+    padded[:, q_len:] = 0
+    return padded
 
 
 __all__ = ["LongHeads", "LongHeadsConfig"]
