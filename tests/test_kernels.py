@@ -197,6 +197,23 @@ def test_q_offset_kernels_match_reference(offsets, q_len):
     assert_matches_reference(q, k, v, pattern, kv_start=KV_START.to(DEVICE), q_offset=torch.tensor(offsets, device=DEVICE))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("q_len", [1, 20], ids=["decode", "prefill"])
+def test_out_receives_the_output_in_place(q_len, backend):
+    """`out=`: a strided view (here every other row of a larger buffer) is written and returned, nothing else."""
+    q, k, v = qkv(2, 4, 2, q_len, 64, 16)
+    pattern = random_pattern(2, 2, q_len, 64, 16, 8, 3, sink=2, window=8)
+    expected = sparse_attention_reference(q, k, v, pattern, kv_start=KV_START.to(DEVICE))
+    buffer = torch.full((2, 2 * q_len, 4, 16), 7.0, device=DEVICE)
+    out = buffer[:, ::2]
+    got = sparse_attention(q, k, v, pattern, kv_start=KV_START.to(DEVICE), backend=backend, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(buffer[:, ::2], expected, **FP32_TOL)
+    assert torch.all(buffer[:, 1::2] == 7.0)
+    with pytest.raises(ValueError, match="out must be"):
+        sparse_attention(q, k, v, pattern, out=buffer[:, :q_len, :2])
+
+
 def test_query_that_sees_no_key_gets_zero_and_minus_inf():
     q, k, v = qkv(1, 4, 2, 40, 40, 16)
     pattern = random_pattern(1, 2, 40, 40, 16, 16, 2, sink=2, window=8)

@@ -15,7 +15,7 @@ __all__ = ["SparsePattern", "window_pattern", "sparse_attention", "sparse_attent
 
 def sparse_attention(
     query, key, value, pattern: SparsePattern, scale=None, softcap=None, kv_start=None, return_lse=False,
-    backend: str = "auto", q_offset=None,
+    backend: str = "auto", q_offset=None, out=None,
 ):
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> out [B, Lq, Hq, D] (and lse [B, Hq, Lq] if asked).
 
@@ -23,9 +23,10 @@ def sparse_attention(
     (default: the queries are the last Lq keys); see pattern.py.
 
     ``backend``: "auto" (Triton for CUDA tensors when triton is installed, the PyTorch reference otherwise),
-    "triton" (also on CPU tensors under TRITON_INTERPRET=1, for tests) or "reference".
+    "triton" (also on CPU tensors under TRITON_INTERPRET=1, for tests) or "reference". ``out``: a [B, Lq, Hq, D]
+    tensor (any strides, head_dim contiguous) to write the output into instead of a new one.
     """
     return ops.sparse_attention(
         query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=return_lse,
-        backend=backend, q_offset=q_offset,
+        backend=backend, q_offset=q_offset, out=out,
     )

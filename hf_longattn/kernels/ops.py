@@ -32,7 +32,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_inputs(query, key, value, pattern: SparsePattern, kv_start, q_offset=None) -> None:
+def check_inputs(query, key, value, pattern: SparsePattern, kv_start, q_offset=None, out=None) -> None:
     """Raise a clear error for inputs the kernels cannot take."""
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
         raise ValueError(
@@ -54,6 +54,11 @@ def check_inputs(query, key, value, pattern: SparsePattern, kv_start, q_offset=N
         raise ValueError(f"q_offset must be a [B] = [{batch}] integer tensor of first query positions, got "
                          f"{tuple(q_offset.shape)} {q_offset.dtype}")
     pattern.validate(batch, num_q_heads, key.shape[1], q_len)
+    if out is not None and (out.shape != (batch, q_len, num_q_heads, head_dim) or out.dtype != query.dtype
+                            or out.device != query.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be a [B, Lq, Hq, D] = {[batch, q_len, num_q_heads, head_dim]} {query.dtype} tensor "
+                         f"on {query.device} with contiguous head dims; got {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device}, strides {out.stride()}")
 
 
 def on_device(tensor: torch.Tensor):
@@ -71,7 +76,7 @@ def _triton_kernels():
     return triton_prefill, triton_decode
 
 
-def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset):
+def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=None):
     prefill, decode = _triton_kernels()
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {query.dtype}")
@@ -87,17 +92,18 @@ def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_of
         )
     run = decode.sparse_decode if decode.use_decode(pattern, query.shape[2]) else prefill.sparse_prefill
     with on_device(query):
-        return run(query, key, value, pattern, scale, softcap, kv_start, q_offset)
+        return run(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=out)
 
 
-def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset=None):
-    """(out [B, Lq, Hq, D], lse [B, Hq, Lq]) from the chosen backend; inputs already checked."""
+def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset=None, out=None):
+    """(out [B, Lq, Hq, D], lse [B, Hq, Lq]) from the chosen backend, written into `out` if given; inputs checked."""
     if resolve_backend(backend, query.device) == "triton":
-        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset)
-    return sparse_attention_reference(
+        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset, out)
+    result, lse = sparse_attention_reference(
         query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=True,
         q_offset=q_offset,
     )
+    return (result, lse) if out is None else (out.copy_(result), lse)
 
 
 @torch.library.custom_op("hf_longattn::sparse_attention", mutates_args=())
@@ -123,8 +129,8 @@ def _(query, key, value, block_indices, block_counts, kv_start, q_offset, block_
 
 
 def sparse_attention(query, key, value, pattern, scale=None, softcap=None, kv_start=None, return_lse=False,
-                     backend="auto", q_offset=None):
-    check_inputs(query, key, value, pattern, kv_start, q_offset)
+                     backend="auto", q_offset=None, out=None):
+    check_inputs(query, key, value, pattern, kv_start, q_offset, out)
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
     softcap = None if softcap is None else float(softcap)
     # The kernels read row b's start at pointer + b: a strided view (a column of the mask layout) would read another's.
@@ -133,11 +139,13 @@ def sparse_attention(query, key, value, pattern, scale=None, softcap=None, kv_st
     if q_offset is not None:
         q_offset = q_offset.to(device=query.device).contiguous()
     if torch.compiler.is_compiling():
-        out, lse = sparse_attention_op(
+        result, lse = sparse_attention_op(
             query, key, value, pattern.block_indices, pattern.block_counts, kv_start, q_offset,
             pattern.block_size_q, pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens, scale, softcap,
             backend,
         )
+        if out is not None:
+            result = out.copy_(result)
     else:
-        out, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset)
-    return (out, lse) if return_lse else out
+        result, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset, out)
+    return (result, lse) if return_lse else result

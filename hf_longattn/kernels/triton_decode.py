@@ -200,7 +200,7 @@ def _launch_plan(device: torch.device, batch: int, num_q_heads: int, num_kv_head
 
 
 def sparse_decode(query, key, value, pattern, scale: float, softcap: float | None, kv_start, q_offset=None,
-                  config: dict | None = None):
+                  config: dict | None = None, out=None):
     """query [B, Hq, Lq <= 16, D] in one query block -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
     batch, num_q_heads, q_len, head_dim = query.shape
     heads = pattern.num_heads
@@ -215,7 +215,8 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
         arrivals = arrival_counters(query.device, batch * heads)
     else:
         partials = arrivals = query  # not read
-    out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
+    if out is None:
+        out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)
     idx, cnt = pattern.block_indices, pattern.block_counts
     _sparse_decode_kernel[(splits, batch * heads)](

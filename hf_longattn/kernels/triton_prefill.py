@@ -209,7 +209,7 @@ def default_prefill_config(head_dim: int, element_size: int = 2) -> dict:
 
 
 def sparse_prefill(query, key, value, pattern, scale: float, softcap: float | None, kv_start, q_offset=None,
-                   config: dict | None = None):
+                   config: dict | None = None, out=None):
     """query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D] -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
     batch, num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, k_len = key.shape[1], key.shape[2]
@@ -225,7 +225,8 @@ def sparse_prefill(query, key, value, pattern, scale: float, softcap: float | No
     tiles_per_qblock = triton.cdiv(min(pattern.block_size_q, q_len), block_q)
     block_n = key_tile_size(block_n, pattern.block_size_k)
 
-    out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
+    if out is None:
+        out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
     lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)
     idx, cnt = pattern.block_indices, pattern.block_counts
     score_scale, softcap_log2 = score_scaling(scale, softcap)

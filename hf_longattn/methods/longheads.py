@@ -277,7 +277,8 @@ class LongHeads(SparseMethod):
                                n_blocks=n_blocks, block_size_q=block, chunk_size=size, num_chunks=num_chunks,
                                scale=call.scale, heads=heads)
         # A round runs the query blocks j0 .. j0 + nb of one row as a batch of nb entries, each with its compact
-        # sequences as heads: the queries and the output stay in transformers' [B, L, Hq, D] memory, not copied.
+        # sequences as heads: the kernel reads the queries and writes the output where they are in transformers'
+        # [B, L, Hq, D] memory.
         queries = _blocked_queries(query, n_blocks * block)
         out = query.new_empty(batch, n_blocks * block, num_q_heads, dim)
         for b in range(batch):
@@ -291,9 +292,9 @@ class LongHeads(SparseMethod):
                 pattern = window_pattern(nb, heads, block, block, size, 0, slots * size, device)  # covers each sequence
                 # The far chunks, hence where each sequence starts, are the same for every head of a block
                 # (longheads_chunks.chunk_layout): head 0's serve the whole block.
-                o = sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
-                                     kv_start=part["kv_start"][0, 0], q_offset=part["q_offset"][0, 0])
-                out[b, rows].view(nb, block, num_q_heads, dim).copy_(o)
+                sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
+                                 kv_start=part["kv_start"][0, 0], q_offset=part["q_offset"][0, 0],
+                                 out=out[b, rows].view(nb, block, num_q_heads, dim))
         out = out[:, :q_len]
         if call.kv_start is not None and q_len > 1:  # queries on left padding see no key: 0, as dense gives
             positions = torch.arange(k_len - q_len, k_len, device=device)
