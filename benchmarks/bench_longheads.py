@@ -38,7 +38,7 @@ CONFIG = LlamaConfig(hidden_size=HEADS * DIM, num_attention_heads=HEADS, num_key
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 MODULE = types.SimpleNamespace(config=CONFIG, layer_idx=0)
 # Kernel name fragments -> phase, for the per-kernel split of one prefill call.
-PHASES = {"select_layout": "selection", "gather_rotate": "gather + rotate", "sparse": "attention",
+PHASES = {"select_": "selection", "gather_rotate": "gather + rotate", "sparse": "attention",
           "chunk_representatives": "representatives"}
 
 

@@ -23,9 +23,10 @@ any query; a far chunk moves by ``delta = new start - old start`` (0 for the loc
 chunks fit, which is then exact dense attention).
 
 `select_layout_reference` composes the steps in PyTorch (`block_geometry`, `select_chunks`, `chunk_layout`);
-`select_layout_triton` runs all of them for one (row, head, query block) in one Triton program
-(longheads_select_kernel.py, imported on first use); `select_layout` dispatches (Triton on CUDA, the reference
-elsewhere) in rounds of bounded memory. Both break score ties towards the lower chunk.
+`select_layout_triton` runs them in two Triton kernels: the scores, one program per tile of a block's queries and
+head, then the top chunks and the layout, one program per (row, head, query block) (longheads_select_kernel.py,
+imported on first use); `select_layout` dispatches (Triton on CUDA, the reference elsewhere) in rounds of bounded
+memory. Both break score ties towards the lower chunk.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def chunk_representatives_reference(query, key, value, chunk_index, chunk_size: 
 
 
 def chunk_representatives_triton(query, key, value, chunk_index, chunk_size: int, inv_freq, scale: float,
-                                 softcap: float | None, block_m: int = 128, num_warps: int = 8) -> torch.Tensor:
-    """Same as the reference, one Triton program per (chunk, key/value head) (longheads_reps_kernel.py)."""
+                                 softcap: float | None, block_m: int = 32, num_warps: int = 4) -> torch.Tensor:
+    """Same as the reference, one Triton program per (chunk, query head) (longheads_reps_kernel.py)."""
     import triton
 
     from .longheads_reps_kernel import chunk_representatives_kernel
@@ -84,11 +85,12 @@ def chunk_representatives_triton(query, key, value, chunk_index, chunk_size: int
     out = torch.empty(pairs, num_q_heads, dim, dtype=torch.float32, device=query.device)
     l_pad = max(triton.next_power_of_2(chunk_size), 16)
     with on_device(query):
-        chunk_representatives_kernel[(pairs, num_kv_heads)](
+        group = num_q_heads // num_kv_heads
+        chunk_representatives_kernel[(pairs, num_kv_heads, group)](
             query, key, value, chunk_index.to(torch.int32).contiguous(),
             inv_freq.to(device=query.device, dtype=torch.float32).contiguous(), out,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), chunk_size, scale, softcap or 0.0,
-            G=num_q_heads // num_kv_heads, HALF=dim // 2, HALF_P2=max(triton.next_power_of_2(dim // 2), 16),
+            G=group, HALF=dim // 2, HALF_P2=max(triton.next_power_of_2(dim // 2), 16),
             L_PAD=l_pad, BLOCK_M=min(block_m, l_pad), SOFTCAP=softcap is not None,
             PRECISION=dot_precision(query.dtype), num_warps=num_warps,
         )
@@ -209,11 +211,12 @@ def select_layout_reference(query, reps, row_start, inv_freq, k_len: int, first_
 
 def select_layout_triton(query, reps, row_start, inv_freq, k_len: int, first_block: int, n_blocks: int,
                          block_size_q: int, chunk_size: int, num_chunks: int, scale: float, heads: int,
-                         block_m: int = SELECT_BLOCK_M, block_c: int = 64, num_warps: int = 4) -> dict:
-    """Same as the reference, one Triton program per (row, pattern head, query block)."""
+                         block_m: int = SELECT_BLOCK_M, block_c: int | None = None,
+                         num_warps: int | None = None) -> dict:
+    """Same as the reference, in two Triton kernels (see the module docstring)."""
     import triton
 
-    from .longheads_select_kernel import select_layout_kernel
+    from .longheads_select_kernel import select_layout_kernel, select_scores_kernel
     from .triton_prefill import dot_precision
 
     batch, num_q_heads, q_len, dim = query.shape
@@ -223,20 +226,24 @@ def select_layout_triton(query, reps, row_start, inv_freq, k_len: int, first_blo
     c_pad = chunk_pad(reps.shape[2])
     half_p2 = max(triton.next_power_of_2(dim // 2), 16)  # tl.dot needs 16 at least
     block_m = max(16, min(block_m, triton.next_power_of_2(block_size_q)))
-    if dim >= 128:  # a query tile and a representative tile of 128-dim rows: smaller tiles, more warps (registers)
-        block_c, num_warps = min(block_c, 32), max(num_warps, 8)
-    scores = torch.empty(rows, group * triton.cdiv(block_size_q, block_m) * c_pad, dtype=torch.float32, device=device)
+    wide = dim >= 128  # a query tile of 128-dim rows: more warps (registers); best on an H200 at 128K (H200_RUNS.md)
+    block_c, num_warps = block_c or 64, num_warps or (8 if wide else 4)
+    tiles = triton.cdiv(block_size_q, block_m)
+    scores = torch.empty(rows, group * tiles * c_pad, dtype=torch.float32, device=device)
     src = torch.empty(rows, slots, dtype=torch.int32, device=device)
     delta = torch.empty_like(src)
     kv_start = torch.empty(rows, dtype=torch.int32, device=device)
     q_offset = torch.empty_like(kv_start)
+    start, lengths = row_start.to(torch.int32), (q_len, k_len, first_block, n_blocks, heads, chunk_size)
     with on_device(query):
+        select_scores_kernel[(n_blocks, batch * heads, group * tiles)](
+            query, reps, start, inv_freq.to(device=device, dtype=torch.float32), scores, *query.stride(),
+            *reps.stride(), *lengths, scale, G=group, BQ=block_size_q, M=num_chunks, HALF=dim // 2, HALF_P2=half_p2,
+            BLOCK_M=block_m, BLOCK_C=block_c, C_PAD=c_pad, PRECISION=dot_precision(query.dtype), num_warps=num_warps,
+        )
         select_layout_kernel[(n_blocks, batch * heads)](
-            query, reps, row_start.to(torch.int32), inv_freq.to(device=device, dtype=torch.float32), scores, src,
-            delta, kv_start, q_offset, *query.stride(), *reps.stride(), q_len, k_len, first_block, n_blocks, heads,
-            chunk_size, scale, G=group, BQ=block_size_q, M=num_chunks, HALF=dim // 2, HALF_P2=half_p2,
-            BLOCK_M=block_m, BLOCK_C=block_c, C_PAD=c_pad, F_PAD=triton.next_power_of_2(num_chunks),
-            PRECISION=dot_precision(query.dtype), num_warps=num_warps,
+            start, scores, src, delta, kv_start, q_offset, *lengths, G=group, BQ=block_size_q, M=num_chunks,
+            BLOCK_M=block_m, C_PAD=c_pad, F_PAD=triton.next_power_of_2(num_chunks), num_warps=4,
         )
     shape = (batch, heads, n_blocks)
     return {"src_start": src.view(*shape, slots), "delta": delta.view(*shape, slots), "kv_start": kv_start.view(shape),
