@@ -45,7 +45,7 @@ def _module(model, layer_idx=0):
 
 def test_defaults_are_the_papers():
     c = LongHeadsConfig()
-    assert (c.chunk_size, c.cap, c.block_size_q, c.shared_kv_heads) == (256, None, 128, True)
+    assert (c.chunk_size, c.cap, c.block_size_q, c.shared_kv_heads) == (256, None, 256, True)
     assert LongHeadsConfig(chunk_size=64).block_size_q == 64
     assert LongHeadsConfig.from_options("longheads", c.options()) == c
 
