@@ -14,6 +14,7 @@ import contextlib
 import cProfile
 import io
 import pstats
+import statistics
 import time
 
 import torch
@@ -73,25 +74,70 @@ def print_profile(profiler: cProfile.Profile, top: int) -> None:
     print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:6000])
 
 
+def per_decode_token(model, ids, tokens: int, measure) -> dict:
+    """measure(run) -> {name: (value, calls)} of one generate(); the same for a 1-token generate() subtracted (its
+    prefill) and divided by `tokens`: what one decode step costs."""
+    def run(n):
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    prefill, whole = measure(lambda: run(1)), measure(lambda: run(1 + tokens))
+    return {name: tuple((v - prefill.get(name, (0, 0))[i]) / tokens for i, v in enumerate(values))
+            for name, values in whole.items()}
+
+
+def gpu_kernels(run) -> dict:
+    """{kernel: (GPU us, launches)} of run()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+    found: dict = {}
+    for event in prof.key_averages():
+        time_us = getattr(event, "device_time_total", 0) or 0
+        if time_us:
+            us, calls = found.get(event.key[:80], (0, 0))
+            found[event.key[:80]] = (us + time_us, calls + event.count)
+    return found
+
+
+def host_functions(run) -> dict:
+    """{function: (own host s, calls)} of run() under cProfile."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    return {f"{path.split('/')[-1]}:{line} {name}": (v[2], v[0]) for (path, line, name), v in stats.items()}
+
+
 def e2e(args) -> None:
+    """Per decode token of generate() (Llama-3.1-8B's config, random bf16 weights; a tiny one on a CPU): the GPU time
+    by kernel and the host time by function, dense (SDPA without cuDNN) and each method."""
     model = build_model("llama-3.1-8b" if torch.cuda.is_available() else "tiny")
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=model.device)
-    # "dense-no-cudnn": the unpatched model with SDPA's cuDNN backend turned off.
-    for name in ["dense", "dense-no-cudnn", *args.methods]:
-        if not name.startswith("dense"):
+    for name in ["dense", *args.methods]:
+        if name != "dense":
             patch_model(model, name)
-        with sdpa_without_cudnn() if name == "dense-no-cudnn" else contextlib.nullcontext():
+        with sdpa_without_cudnn() if name == "dense" else contextlib.nullcontext():
             warm_up(model, ids[:, :4096])
             intervals = time_generate(model, ids, 16)["decode_intervals_ms"]
-            print(f"\n=== e2e {name} at {args.context}: token intervals (ms) "
-                  + " ".join(f"{g:.1f}" for g in intervals))
-            profiler = cProfile.Profile()
-            profiler.enable()
-            model.generate(ids[:, :8192], attention_mask=torch.ones_like(ids[:, :8192]), max_new_tokens=9,
-                           min_new_tokens=9, do_sample=False, pad_token_id=0)
-            profiler.disable()
-        print_profile(profiler, args.top)
-        unpatch_model(model)
+            print(f"\n=== e2e {name} at {args.context}: median {statistics.median(intervals):.1f} ms a token; "
+                  "intervals " + " ".join(f"{g:.1f}" for g in intervals))
+            if torch.cuda.is_available():
+                kernels = per_decode_token(model, ids, 16, gpu_kernels)
+                print(f"GPU time a token: {sum(us for us, _ in kernels.values()) / 1e3:.2f} ms; by kernel (ms, "
+                      "launches):")
+                for kernel, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top // 2]:
+                    print(f"  {us / 1e3:8.3f} {calls:6.1f}  {kernel}")
+            functions = per_decode_token(model, ids, 16, host_functions)
+            print("host time a token under cProfile, by function's own time (ms, calls):")
+            for function, (seconds, calls) in sorted(functions.items(), key=lambda kv: -kv[1][0])[:args.top]:
+                print(f"  {1e3 * seconds:7.3f} {calls:7.1f}  {function}")
+        if name != "dense":
+            unpatch_model(model)
 
 
 def main() -> None:
@@ -100,7 +146,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["streaming", "hip", "dhsa", "blocktopk", "hyper"])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--e2e", action="store_true", help="whole generate() decode steps instead of one layer")
+    parser.add_argument("--e2e", action="store_true",
+                        help="generate()'s decode steps (GPU time by kernel, host time by function), not one layer")
     args = parser.parse_args()
     if args.e2e:
         return e2e(args)
