@@ -16,6 +16,8 @@ reference elsewhere).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .dense import dense_attention
@@ -41,15 +43,42 @@ def longheads_decode_reference(query, key, value, reps, row_start, inv_freq, *, 
     return out.reshape(batch, 1, num_q_heads, dim)
 
 
+@functools.lru_cache(maxsize=64)
+def _launch_plan(batch: int, num_q_heads: int, num_kv_heads: int, dim: int, heads: int, chunk_size: int,
+                 num_chunks: int, rep_capacity: int, dtype: torch.dtype, scale: float, softcap: float | None,
+                 block_c: int, block_n: int, num_warps: int) -> tuple:
+    """(slots, scratch sizes, scalar arguments, kernel constants) of a step: the same for every step of a generate(),
+    so a step spends no host time working them out (its launch is eager, and bound by host time)."""
+    import triton
+
+    from .triton_prefill import dot_precision, score_scaling
+
+    group, slots = num_q_heads // heads, num_chunks + 1
+    g_sel = triton.next_power_of_2(group)
+    d_pad = max(16, triton.next_power_of_2(dim))
+    g_pad = max(16, g_sel)  # tl.dot needs 16 rows
+    c_pad = chunk_pad(rep_capacity)
+    programs = batch * heads * slots
+    sizes = programs * g_sel * c_pad, programs * g_pad * (d_pad + 1), batch * num_q_heads
+    constants = dict(
+        G=group, G_PAD=g_pad, G_SEL=g_sel, KV_GROUP=num_q_heads // num_kv_heads, M=num_chunks, HEAD_DIM=dim,
+        HALF=dim // 2, D_PAD=d_pad, BLOCK_C=block_c, C_PAD=c_pad,
+        BLOCK_N=max(16, min(block_n, triton.next_power_of_2(chunk_size))), SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(dtype), num_warps=num_warps)
+    return slots, sizes, (heads, chunk_size, scale, *score_scaling(scale, softcap)), constants
+
+
+@functools.cache
+def _kernel():
+    from .longheads_decode_kernel import longheads_decode_kernel
+
+    return longheads_decode_kernel
+
+
 def longheads_decode_triton(query, key, value, reps, row_start, inv_freq, *, chunk_size: int, num_chunks: int,
                             scale: float, softcap: float | None, heads: int, block_c: int = 16, block_n: int = 64,
                             num_warps: int = 4) -> torch.Tensor:
     """Same as the reference, in one Triton launch."""
-    import triton
-
-    from .longheads_decode_kernel import longheads_decode_kernel
-    from .triton_prefill import dot_precision, score_scaling
-
     batch, num_q_heads, q_len, dim = query.shape
     if q_len != 1 or dim % 2 or query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError(f"longheads_decode takes one query and caches with contiguous head dims; got query "
@@ -57,27 +86,21 @@ def longheads_decode_triton(query, key, value, reps, row_start, inv_freq, *, chu
     if inv_freq.numel() != dim // 2:
         raise ValueError(f"inv_freq has {inv_freq.numel()} frequencies for a head dim of {dim}: pass the layer's own "
                          f"({dim // 2}, rope.layer_inv_freq)")
-    device, group, slots = query.device, num_q_heads // heads, num_chunks + 1
+    device = query.device
     reps = reps if reps.stride(-1) == 1 else reps.contiguous()
-    g_sel = triton.next_power_of_2(group)
-    d_pad = max(16, triton.next_power_of_2(dim))
-    g_pad = max(16, g_sel)  # tl.dot needs 16 rows
-    c_pad = chunk_pad(reps.shape[2])
-    programs = batch * heads * slots
-    scores = kept(device, "longheads decode scores", programs * g_sel * c_pad, torch.float32)
-    partials = kept(device, "decode partials", programs * g_pad * (d_pad + 1), torch.float32)
-    lse = kept(device, "longheads decode lse", batch * num_q_heads, torch.float32)  # the merge writes it; unused
+    slots, (n_scores, n_partials, n_lse), scalars, constants = _launch_plan(
+        batch, num_q_heads, key.shape[1], dim, heads, chunk_size, num_chunks, reps.shape[2], query.dtype, scale,
+        softcap, block_c, block_n, num_warps)
+    scores = kept(device, "longheads decode scores", n_scores, torch.float32)
+    partials = kept(device, "decode partials", n_partials, torch.float32)
+    lse = kept(device, "longheads decode lse", n_lse, torch.float32)  # the merge writes it; unused
     out = torch.empty(batch, 1, num_q_heads, dim, dtype=query.dtype, device=device)
     inv_freq = inv_freq.to(device=device, dtype=torch.float32)
     with on_device(query):
-        longheads_decode_kernel[(slots, batch * heads)](
+        _kernel()[(slots, batch * heads)](
             query, key, value, reps, row_start, inv_freq, scores, out, lse, partials,
             arrival_counters(device, batch * heads), query.stride(0), query.stride(1), *key.stride()[:3],
-            *value.stride()[:3], *reps.stride()[:3], out.stride(0), out.stride(2), key.shape[2], heads, chunk_size,
-            scale, *score_scaling(scale, softcap), G=group, G_PAD=g_pad, G_SEL=g_sel,
-            KV_GROUP=num_q_heads // key.shape[1], M=num_chunks, HEAD_DIM=dim, HALF=dim // 2, D_PAD=d_pad,
-            BLOCK_C=block_c, C_PAD=c_pad, BLOCK_N=max(16, min(block_n, triton.next_power_of_2(chunk_size))),
-            SOFTCAP=softcap is not None, PRECISION=dot_precision(query.dtype), num_warps=num_warps,
+            *value.stride()[:3], *reps.stride()[:3], out.stride(0), out.stride(2), key.shape[2], *scalars, **constants,
         )
     return out
 
