@@ -124,7 +124,8 @@ def e2e(args) -> None:
         with sdpa_without_cudnn() if name == "dense" else contextlib.nullcontext():
             warm_up(model, ids[:, :4096])
             intervals = time_generate(model, ids, 16)["decode_intervals_ms"]
-            print(f"\n=== e2e {name} at {args.context}: median {statistics.median(intervals):.1f} ms a token; "
+            label = "dense (SDPA without cuDNN)" if name == "dense" else name
+            print(f"\n=== e2e {label} at {args.context}: median {statistics.median(intervals):.1f} ms a token; "
                   "intervals " + " ".join(f"{g:.1f}" for g in intervals))
             if torch.cuda.is_available():
                 kernels = per_decode_token(model, ids, 16, gpu_kernels)

@@ -533,23 +533,43 @@ def test_representatives_kernel_in_bf16_on_gpu_matches_reference():
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("q_len", [200, 202], ids=["whole-blocks-in-place", "padded-block"])
-def test_prefill_on_gpu_matches_the_reference_path(q_len, monkeypatch):
+def _through_triton(monkeypatch):
+    """Every LongHeads kernel dispatched to Triton on CPU tensors too (run by the interpreter)."""
+    from hf_longattn.kernels import ops
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(LongHeadsModule, "gather_rotate", gather_rotate_triton)
+    monkeypatch.setattr(LongHeadsModule, "chunk_representatives", longheads_chunks.chunk_representatives_triton)
+    monkeypatch.setattr(LongHeadsModule, "select_layout", lambda *args, **options:
+                        longheads_chunks.select_layout_triton(*args, **options))
+
+
+@pytest.mark.parametrize("path", ["interpreted", pytest.param("gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("q_len", [320, 322], ids=["whole-blocks-in-place", "padded-block"])
+def test_prefill_through_the_kernels_matches_the_reference_path(q_len, path, monkeypatch):
     """The method's prefill through its Triton kernels (float32: the same selections) = through the PyTorch
-    references on the CPU: left padding, queries in transformers' memory order, rounds of a few query blocks."""
-    monkeypatch.setitem(LongHeadsModule._ROUND_ELEMENTS, "cuda", 1 << 14)
+    references: left padding, queries in transformers' memory order, blocks of 32 queries (the shared kernel's prefill
+    path, not its decode path for up to 16), rounds of a few blocks."""
+    for device in ("cpu", "cuda"):
+        monkeypatch.setitem(LongHeadsModule._ROUND_ELEMENTS, device, 1 << 14)
     model = make_model("llama")
     starts = torch.tensor([0, 13])
     _, _, q, k, v = _method_inputs(model, starts, q_len, q_len, seed=7)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    outputs = []
-    for device in ("cpu", "cuda"):
-        method = LongHeads(LongHeadsConfig(**SMALL))
+    options = dict(chunk_size=32, cap=192, block_size_q=32)
+
+    def prefill(device):
         call = AttentionCall(0, 0.3, None, starts.to(device), {}, module=_module(model))
-        outputs.append(method.attend(q.to(device), k.to(device), v.to(device), call).cpu())
-    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-4, rtol=1e-4)
+        return LongHeads(LongHeadsConfig(**options)).attend(q.to(device), k.to(device), v.to(device), call).cpu()
+
+    expected = prefill("cpu")
+    with monkeypatch.context() as patches:
+        if path == "interpreted":
+            _through_triton(patches)
+        got = prefill("cpu" if path == "interpreted" else "cuda")
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (expected - dense_attention(q, k, v, 0.3, None, kv_start=starts)).abs().max() > 1e-2  # chunks selected
 
 
 # --- the one-launch decode step -------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def sparse_attention(
 
     ``backend``: "auto" (Triton for CUDA tensors when triton is installed, the PyTorch reference otherwise),
     "triton" (also on CPU tensors under TRITON_INTERPRET=1, for tests) or "reference". ``out``: a [B, Lq, Hq, D]
-    tensor (any strides, head_dim contiguous) to write the output into instead of a new one.
+    tensor to write the output into instead of a new one (a view with any strides, head_dim contiguous, no two
+    elements at one address, not overlapping the inputs).
     """
     return ops.sparse_attention(
         query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=return_lse,

@@ -47,8 +47,10 @@ from .base import SparseMethod
 
 # The paper's attention length; the default cap is the model's trained context, at most this.
 MAX_DEFAULT_CAP = 4096
-# A block of 256 queries (a chunk) selects as well as 128 on the passkey checks (README) and prefills faster: a block
-# reads its selected chunks once, so half the blocks copy and read half as much.
+# A block of 256 queries (a chunk) prefills faster than 128 (half the blocks: half the copies and reads) and found
+# nearly as many passkeys (README: the same at 4K, 8K and 32K, one fewer of 55 at 16K). A block that straddles a chunk
+# boundary (every block of a left-padded row, when the padding is not a whole chunk) keeps three local chunks and
+# selects one fewer.
 DEFAULT_BLOCK_SIZE_Q = 256
 # Elements of the largest intermediate tensors of one round (compact keys, in-chunk attention), per device type: a
 # GPU wants rounds large enough to fill it, a CPU small enough to stay in memory.
@@ -293,7 +295,8 @@ class LongHeads(SparseMethod):
                 q_rows = queries[b, rows].view(nb, block, num_q_heads, dim).transpose(1, 2)
                 pattern = window_pattern(nb, heads, block, block, size, 0, slots * size, device)  # covers each sequence
                 # The far chunks, hence where each sequence starts, are the same for every head of a block
-                # (longheads_chunks.chunk_layout): head 0's serve the whole block.
+                # (longheads_chunks.chunk_layout): head 0's serve the whole block. (A head whose queries are not
+                # finite could keep fewer; the block's output is not finite then anyway.)
                 sparse_attention(q_rows, keys, values, pattern, scale=call.scale, softcap=call.softcap,
                                  kv_start=part["kv_start"][0, 0], q_offset=part["q_offset"][0, 0],
                                  out=out[b, rows].view(nb, block, num_q_heads, dim))
