@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import LlamaConfig
 
 from bench_kernels import bench_ms
+from timing import cuda_time_by_kernel
 from hf_longattn.methods import AttentionCall
 from hf_longattn.methods.longheads import LongHeads, LongHeadsConfig
 
@@ -56,20 +57,12 @@ def fresh_call(state=None) -> AttentionCall:
 
 def kernel_split(fn, top: int = 12) -> tuple[dict, list]:
     """CUDA milliseconds of one call of fn: summed per phase (by kernel name), and the `top` kernels by time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
     split: dict[str, float] = {}
     kernels = []
-    for event in prof.key_averages():
-        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if not time_us:
-            continue
-        phase = next((p for key, p in PHASES.items() if key in event.key.lower()), "other")
+    for name, (time_us, count) in cuda_time_by_kernel(fn).items():
+        phase = next((p for key, p in PHASES.items() if key in name.lower()), "other")
         split[phase] = split.get(phase, 0.0) + time_us / 1e3
-        kernels.append((round(time_us / 1e3, 3), event.count, event.key[:90]))
+        kernels.append((round(time_us / 1e3, 3), count, name[:90]))
     return {k: round(v, 3) for k, v in sorted(split.items())}, sorted(kernels, reverse=True)[:top]
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.run import LAYER_SHAPES, LayerInputs, build_model, new_method, sdpa_without_cudnn, warm_up
-from benchmarks.timing import time_generate
+from benchmarks.timing import cuda_time_by_kernel, time_generate
 from hf_longattn import patch_model, unpatch_model
 
 
@@ -88,21 +88,6 @@ def per_decode_token(model, ids, tokens: int, measure) -> dict:
             for name, values in whole.items()}
 
 
-def gpu_kernels(run) -> dict:
-    """{kernel: (GPU us, launches)} of run()."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-    found: dict = {}
-    for event in prof.key_averages():
-        time_us = getattr(event, "device_time_total", 0) or 0
-        if time_us:
-            us, calls = found.get(event.key[:80], (0, 0))
-            found[event.key[:80]] = (us + time_us, calls + event.count)
-    return found
-
-
 def host_functions(run) -> dict:
     """{function: (own host s, calls)} of run() under cProfile."""
     profiler = cProfile.Profile()
@@ -128,11 +113,11 @@ def e2e(args) -> None:
             print(f"\n=== e2e {label} at {args.context}: median {statistics.median(intervals):.1f} ms a token; "
                   "intervals " + " ".join(f"{g:.1f}" for g in intervals))
             if torch.cuda.is_available():
-                kernels = per_decode_token(model, ids, 16, gpu_kernels)
+                kernels = per_decode_token(model, ids, 16, cuda_time_by_kernel)
                 print(f"GPU time a token: {sum(us for us, _ in kernels.values()) / 1e3:.2f} ms; by kernel (ms, "
                       "launches):")
                 for kernel, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top // 2]:
-                    print(f"  {us / 1e3:8.3f} {calls:6.1f}  {kernel}")
+                    print(f"  {us / 1e3:8.3f} {calls:6.1f}  {kernel[:80]}")
             functions = per_decode_token(model, ids, 16, host_functions)
             print("host time a token under cProfile, by function's own time (ms, calls):")
             for function, (seconds, calls) in sorted(functions.items(), key=lambda kv: -kv[1][0])[:args.top]:

@@ -4,6 +4,7 @@
     time_ms(fn, graph=True)           the same calls captured once as a CUDA graph and replayed (GPU time only)
     time_ms(fn, setup=restore)        setup() runs before every timed call, outside the timing (e.g. decode state)
     peak_bytes(fn)                    (fn(), bytes of GPU memory fn allocated on top of what was there)
+    cuda_time_by_kernel(fn)           {kernel: (GPU us, launches)} of one fn() call (torch.profiler)
     time_generate(model, ids, n, ...) time to first token, decode ms per token, peak GPU memory of one generate()
     environment()                     date, machine, versions, the command and the commit, for every result file
     write_result(out, stem, record, markdown)  stem.json + stem.md under out
@@ -117,6 +118,21 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     result = fn()
     torch.cuda.synchronize()
     return result, torch.cuda.max_memory_allocated() - before
+
+
+def cuda_time_by_kernel(fn: Callable[[], object]) -> dict[str, tuple[float, int]]:
+    """{kernel name: (GPU microseconds, launches)} of one fn() call, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        time_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if time_us:
+            times[event.key] = (time_us, event.count)
+    return times
 
 
 def _token_clock():
