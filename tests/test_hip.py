@@ -283,6 +283,19 @@ def test_oversampled_decode_search_launch_settings_keep_the_selection(launch, ti
     if ties:
         k = k[:, :, :1].expand_as(k).contiguous()
     options = dict(SMALL, k=8, slices=3, oversample=3, q_offset=torch.tensor([150, 199]))
+    _assert_same_search(q, k, options, launch, device)
+
+
+@pytest.mark.parametrize("merge_bits", [1, 2, 4, 8])
+def test_oversampled_merge_of_many_survivors_keeps_the_best(merge_bits):
+    # 192 survivors for 64 kept: the radix select's later passes decide (with few survivors the first pass does).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _qk(1, 4, 2, 1, 700, 16, seed=9)
+    options = dict(SMALL, k=128, slices=6, oversample=3, q_offset=torch.tensor([650]))
+    _assert_same_search(q, k, options, {"merge_bits": merge_bits}, device)
+
+
+def _assert_same_search(q, k, options, launch, device):
     expected = hip_mask_reference(q, k, **options)
     options["q_offset"] = options["q_offset"].to(device)
     got = hip_mask_triton(q.to(device), k.to(device), **options, launch=launch)
