@@ -126,13 +126,15 @@ def test_row_starts_given_as_strided_views_are_read_per_row(q_len):
 
 
 @pytest.mark.parametrize("splits", [1, 3, 40])
-def test_decode_any_number_of_splits(splits):
-    """Empty splits (more splits than tiles) must merge away without a trace."""
+@pytest.mark.parametrize("merge", [1, 4])
+def test_decode_any_number_of_splits(splits, merge):
+    """Empty splits (more splits than tiles) must merge away without a trace, however many partials the last split
+    merges at a time (a count of splits that is not a multiple of it leaves masked ones)."""
     from hf_longattn.kernels.triton_decode import sparse_decode
 
     q, k, v = qkv(1, 4, 2, 2, 100, 16)
     pattern = random_pattern(1, 2, 2, 100, 16, 16, 4, sink=4, window=20)
-    out, lse = sparse_decode(q, k, v, pattern, 0.25, None, None, config=dict(BLOCK_N=16, splits=splits))
+    out, lse = sparse_decode(q, k, v, pattern, 0.25, None, None, config=dict(BLOCK_N=16, splits=splits, MERGE=merge))
     ref_out, ref_lse = sparse_attention_reference(q, k, v, pattern, scale=0.25, return_lse=True)
     torch.testing.assert_close(out, ref_out, **FP32_TOL)
     torch.testing.assert_close(lse, ref_lse, **FP32_TOL)

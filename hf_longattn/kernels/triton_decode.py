@@ -41,9 +41,10 @@ def _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_
 @triton.jit
 def _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, split, num_splits, head, q_idx, row_ok, offs_m,
                   offs_d, stride_ob, stride_ol, stride_oh, num_q_heads, q_len, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+                  BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, MERGE: tl.constexpr):
     """Store the rows of a split-K program (acc, m_i, l_i: its online softmax) in split `split` of `num_splits` for
-    the (row, head) program column bh: alone, directly; else as a partial, merged by the last split to arrive."""
+    the (row, head) program column bh: alone, directly; else as a partial, merged by the last split to arrive, MERGE
+    partials at a time (their loads are independent, so they are in flight together)."""
     if num_splits == 1:
         _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
                     num_q_heads, q_len, HEAD_DIM)
@@ -62,17 +63,20 @@ def _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, split, num
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-            for other in range(0, num_splits):
-                part = (bh * num_splits + other) * BLOCK_M + offs_m
-                lse_s = tl.load(lse_base + part, cache_modifier=".cg")
-                out_s = tl.load(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :], cache_modifier=".cg")
-                m_new = tl.maximum(m_i, lse_s)
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_use)
-                weight = tl.math.exp2(lse_s - m_use)
-                acc = acc * alpha[:, None] + out_s * weight[:, None]
-                l_i = l_i * alpha + weight
-                m_i = m_new
+            for first in range(0, num_splits, MERGE):
+                for j in tl.static_range(MERGE):
+                    live = offs_m * 0 + (first + j) < num_splits  # (a tensor: a load's mask must be one)
+                    part = (bh * num_splits + first + j) * BLOCK_M + offs_m
+                    lse_s = tl.load(lse_base + part, mask=live, other=float("-inf"), cache_modifier=".cg")
+                    out_s = tl.load(Partials + part[:, None].to(tl.int64) * D_PAD + offs_d[None, :],
+                                    mask=live[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_i, lse_s)
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.math.exp2(m_i - m_use)
+                    weight = tl.math.exp2(lse_s - m_use)
+                    acc = acc * alpha[:, None] + out_s * weight[:, None]
+                    l_i = l_i * alpha + weight
+                    m_i = m_new
             _store_rows(Out, Lse, acc, m_i, l_i, b, head, q_idx, row_ok, offs_d, stride_ob, stride_ol, stride_oh,
                         num_q_heads, q_len, HEAD_DIM)
             tl.atomic_xchg(Arrivals + bh, 0)  # ready for the next launch
@@ -96,6 +100,7 @@ def _sparse_decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, KV_GROUP: tl.constexpr, BK: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = G_PAD * Q_PAD
     split = tl.program_id(0)
@@ -161,7 +166,7 @@ def _sparse_decode_kernel(
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
     _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, split, num_splits, head, q_idx, row_ok, offs_m,
-                  offs_d, stride_ob, stride_ol, stride_oh, num_heads * G, q_len, HEAD_DIM, BLOCK_M, D_PAD)
+                  offs_d, stride_ob, stride_ol, stride_oh, num_heads * G, q_len, HEAD_DIM, BLOCK_M, D_PAD, MERGE)
 
 
 def use_decode(pattern, q_len: int) -> bool:
@@ -170,10 +175,11 @@ def use_decode(pattern, q_len: int) -> bool:
 
 @functools.cache
 def _programs_wanted(device: torch.device) -> int:
-    """About two waves of programs on the GPU (a small fixed number elsewhere)."""
+    """One wave of programs on the GPU (a small fixed number elsewhere): more splits than that only give the last
+    split more partials to merge (H200, 128K: 18.7 us in one wave against 21.8 in two; hip_decode_sweep.py)."""
     if device.type != "cuda":
         return 4
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,7 +190,10 @@ def _launch_plan(device: torch.device, batch: int, num_q_heads: int, num_kv_head
     group = num_q_heads // heads
     g_pad = triton.next_power_of_2(group)
     q_pad = max(triton.next_power_of_2(q_len), triton.cdiv(16, g_pad))  # tl.dot needs M >= 16
-    cfg = dict(dict(BLOCK_N=64, num_warps=4, num_stages=2, splits=None), **dict(config))
+    # Tiles of 128 keys where the K and V tiles of two stages fit shared memory; the last split merges 4 partials at
+    # a time (both: H200, 128K, benchmarks/results/hip_decode_search_h200/README.md).
+    defaults = dict(BLOCK_N=128 if head_dim <= 128 else 64, num_warps=4, num_stages=2, splits=None, MERGE=4)
+    cfg = dict(defaults, **dict(config))
     block_n = key_tile_size(cfg.pop("BLOCK_N"), block_size_k)
     # An upper bound of the tiles any row can have, known without reading the counts back from the device.
     max_tiles = (triton.cdiv(sink, block_n) + triton.cdiv(max_blocks * block_size_k, block_n)
@@ -200,8 +209,9 @@ def _launch_plan(device: torch.device, batch: int, num_q_heads: int, num_kv_head
 
 
 def sparse_decode(query, key, value, pattern, scale: float, softcap: float | None, kv_start, q_offset=None,
-                  config: dict | None = None, out=None):
-    """query [B, Hq, Lq <= 16, D] in one query block -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32)."""
+                  config: dict | None = None, out=None, want_lse: bool = True):
+    """query [B, Hq, Lq <= 16, D] in one query block -> (out [B, Lq, Hq, D], lse [B, Hq, Lq] float32, or None when
+    not wanted: the kernel then writes it to scratch, and a step allocates only its output)."""
     batch, num_q_heads, q_len, head_dim = query.shape
     heads = pattern.num_heads
     splits, tiles_per_split, constants = _launch_plan(
@@ -217,7 +227,9 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
         partials = arrivals = query  # not read
     if out is None:
         out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
-    lse = torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32)
+    numel = batch * num_q_heads * q_len
+    lse = (torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32) if want_lse
+           else kept(query.device, "decode lse", numel, torch.float32))
     idx, cnt = pattern.block_indices, pattern.block_counts
     _sparse_decode_kernel[(splits, batch * heads)](
         query, key, value, out, lse, partials, arrivals, idx, cnt, kv_start if kv_start is not None else cnt,
@@ -228,4 +240,4 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
         HAS_KV_START=kv_start is not None, HAS_Q_OFFSET=q_offset is not None, SOFTCAP=softcap is not None,
         **constants,
     )
-    return out, lse
+    return out, lse if want_lse else None
