@@ -123,10 +123,11 @@ class FastLaunch:
         params = args + tail
         stream = self._stream(device)
         x, y, z = (*grid, 1, 1)[:3]
-        runtime = self._runtime
-        compiled.run(x, y, z, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *params), runtime.launch_enter_hook,
-                     runtime.launch_exit_hook, *params)
+        enter_hook = self._runtime.launch_enter_hook
+        # launch_metadata is None without a hook (Triton's own shortcut), and costs a call with every parameter.
+        metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *params)
+        compiled.run(x, y, z, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
+                     self._runtime.launch_exit_hook, *params)
 
 
 def fast_launch(kernel) -> FastLaunch:

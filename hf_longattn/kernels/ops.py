@@ -76,12 +76,13 @@ def _triton_kernels():
     return triton_prefill, triton_decode
 
 
-def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=None):
+def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=None, want_lse=True):
     prefill, decode = _triton_kernels()
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 inputs, got {query.dtype}")
     # Kernels index with strides but need each head's vectors contiguous, and one dtype.
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     if key.dtype != query.dtype or value.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
     indices, counts = pattern.block_indices, pattern.block_counts
@@ -90,15 +91,19 @@ def _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_of
             indices.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(), pattern.block_size_q,
             pattern.block_size_k, pattern.sink_tokens, pattern.window_tokens,
         )
-    run = decode.sparse_decode if decode.use_decode(pattern, query.shape[2]) else prefill.sparse_prefill
     with on_device(query):
-        return run(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=out)
+        if decode.use_decode(pattern, query.shape[2]):
+            return decode.sparse_decode(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=out,
+                                        want_lse=want_lse)
+        return prefill.sparse_prefill(query, key, value, pattern, scale, softcap, kv_start, q_offset, out=out)
 
 
-def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset=None, out=None):
-    """(out [B, Lq, Hq, D], lse [B, Hq, Lq]) from the chosen backend, written into `out` if given; inputs checked."""
+def run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset=None, out=None,
+                         want_lse=True):
+    """(out [B, Lq, Hq, D], lse [B, Hq, Lq]) from the chosen backend, written into `out` if given; inputs checked.
+    With want_lse=False the lse may be None (a decode step then allocates none)."""
     if resolve_backend(backend, query.device) == "triton":
-        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset, out)
+        return _triton_attention(query, key, value, pattern, scale, softcap, kv_start, q_offset, out, want_lse)
     result, lse = sparse_attention_reference(
         query, key, value, pattern, scale=scale, softcap=softcap, kv_start=kv_start, return_lse=True,
         q_offset=q_offset,
@@ -147,5 +152,6 @@ def sparse_attention(query, key, value, pattern, scale=None, softcap=None, kv_st
         if out is not None:
             result = out.copy_(result)
     else:
-        result, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset, out)
+        result, lse = run_sparse_attention(query, key, value, pattern, scale, softcap, kv_start, backend, q_offset, out,
+                                           want_lse=return_lse)
     return (result, lse) if return_lse else result
