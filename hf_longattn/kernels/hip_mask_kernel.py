@@ -380,6 +380,8 @@ def hip_slice_kernel(
         if NORMALIZE:  # estimated by hip_lse_kernel, launched just before
             lse = _merged_lse(LSE_PARTIALS, program, LSE_PARTS, ROWS)
         i = tl.arange(0, HALVES)
+        searched = largest > 1
+        own = tl.full([NLOC_P2], float("-inf"), tl.float32)  # the survivors' own scores, from the last round
         while largest > 1:
             mid = gs + (ge - gs + 1) // 2
             a = tl.reshape(tl.join(gs, mid), [HALVES])  # half 2g + side of group g
@@ -396,6 +398,8 @@ def hip_slice_kernel(
             pick = rank[None, :] == g[:, None]
             gs = tl.sum(tl.where(pick, a[None, :], 0), axis=1)
             ge = tl.sum(tl.where(pick, z[None, :], 0), axis=1)
+            if NSEL != NKEEP and largest == 2:  # the last round: its halves are single blocks, scored as such
+                own = tl.sum(tl.where(pick, score[None, :], 0.0), axis=1)
             ge = tl.where(g < width, ge, gs)  # a slice keeps as many halves as it has groups
             largest = (largest + 1) // 2
         # The slice's survivors in ascending order (slot = how many of them lie lower), empty groups after them.
@@ -407,12 +411,16 @@ def hip_slice_kernel(
             if sl == 0:
                 tl.store(OUT_COUNT + program, tl.full([], NKEEP, tl.int32))
         else:
-            # Oversampled: every survivor is scored as a block of its own, and the slices' survivors compete.
-            k_pos, k_live = _block_keys(gs, live, k_len, BK, BK_P2, NLOC_P2)
-            s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
-                        softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
-            visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
-            score = tl.where(live, _block_max(tl.where(visible, s, -1e30), NLOC_P2, BK_P2), float("-inf"))
+            # Oversampled: every survivor is scored as a block of its own (the last round did, when one ran), and the
+            # slices' survivors compete.
+            if searched:
+                score = tl.where(live, own, float("-inf"))
+            else:
+                k_pos, k_live = _block_keys(gs, live, k_len, BK, BK_P2, NLOC_P2)
+                s = _scores(q_tile, _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM), score_scale,
+                            softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
+                visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
+                score = tl.where(live, _block_max(tl.where(visible, s, -1e30), NLOC_P2, BK_P2), float("-inf"))
             survivors = program * NSEL + first + slot
             tl.store(SURVIVORS + survivors, gs, mask=g < width)
             tl.store(SURVIVOR_SCORES + survivors, score, mask=g < width)
