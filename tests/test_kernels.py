@@ -276,12 +276,17 @@ def test_gpu_prefill_realistic(head_dim, dtype, block_size_k, softcap):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("q_len", [1, 4, 16])
-def test_gpu_decode_realistic(q_len):
-    q, k, v = qkv(2, 32, 8, q_len, 32768, 128, dtype=torch.bfloat16)
-    pattern = random_pattern(2, 8, q_len, 32768, 128, 128, 16, sink=128, window=1920)
-    assert_matches_reference(q, k, v, pattern, tol=dict(atol=2e-2, rtol=2e-2),
-                             kv_start=torch.tensor([0, 5000], device=DEVICE))
+@pytest.mark.parametrize("q_len,head_dim,dtype,block_size_k", [
+    (1, 128, torch.bfloat16, 128), (4, 128, torch.bfloat16, 128), (16, 128, torch.bfloat16, 128),
+    (1, 128, torch.bfloat16, 2), (1, 128, torch.float32, 128), (1, 256, torch.bfloat16, 64),
+])
+def test_gpu_decode_realistic(q_len, head_dim, dtype, block_size_k):
+    # The key tile follows the row size (128 keys of 16-bit head_dim 128, 64 of float32 or head_dim 256): each must
+    # fit shared memory and compute the same.
+    q, k, v = qkv(2, 32, 8, q_len, 32768, head_dim, dtype=dtype)
+    pattern = random_pattern(2, 8, q_len, 32768, 128, block_size_k, 2048 // block_size_k, sink=128, window=1920)
+    tol = FP32_TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_matches_reference(q, k, v, pattern, tol=tol, kv_start=torch.tensor([0, 5000], device=DEVICE))
 
 
 def test_masked_dense_attention_in_query_chunks_is_the_same(monkeypatch):

@@ -190,9 +190,11 @@ def _launch_plan(device: torch.device, batch: int, num_q_heads: int, num_kv_head
     group = num_q_heads // heads
     g_pad = triton.next_power_of_2(group)
     q_pad = max(triton.next_power_of_2(q_len), triton.cdiv(16, g_pad))  # tl.dot needs M >= 16
-    # Tiles of 128 keys where the K and V tiles of two stages fit shared memory; the last split merges 4 partials at
-    # a time (both: H200, 128K, benchmarks/results/hip_decode_search_h200/README.md).
-    defaults = dict(BLOCK_N=128 if head_dim <= 128 else 64, num_warps=4, num_stages=2, splits=None, MERGE=4)
+    # Tiles of 128 keys for rows of up to 256 bytes (16-bit head_dim <= 128: their K and V tiles take what 64 rows
+    # of float32 or of head_dim 256 take, which GPUs of ~100 KB of shared memory still fit); the last split merges 4
+    # partials at a time (both: H200, 128K, benchmarks/results/hip_decode_search_h200/README.md).
+    row_bytes = head_dim * dtype.itemsize
+    defaults = dict(BLOCK_N=128 if row_bytes <= 256 else 64, num_warps=4, num_stages=2, splits=None, MERGE=4)
     cfg = dict(defaults, **dict(config))
     block_n = key_tile_size(cfg.pop("BLOCK_N"), block_size_k)
     # An upper bound of the tiles any row can have, known without reading the counts back from the device.
