@@ -176,7 +176,8 @@ def use_decode(pattern, q_len: int) -> bool:
 @functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """One wave of programs on the GPU (a small fixed number elsewhere): more splits than that only give the last
-    split more partials to merge (H200, 128K: 18.7 us in one wave against 21.8 in two; hip_decode_sweep.py)."""
+    split more partials to merge (H200, 128K: 18.7 us in one wave against 21.8 in two;
+    benchmarks/results/hip_decode_search_h200/README.md)."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
