@@ -93,7 +93,7 @@ def longheads_decode_triton(query, key, value, reps, row_start, inv_freq, *, chu
         softcap, block_c, block_n, num_warps)
     scores = kept(device, "longheads decode scores", n_scores, torch.float32)
     partials = kept(device, "decode partials", n_partials, torch.float32)
-    lse = kept(device, "longheads decode lse", n_lse, torch.float32)  # the merge writes it; unused
+    lse = kept(device, "decode lse", n_lse, torch.float32)  # the merge writes it; unused (as sparse_decode's)
     out = torch.empty(batch, 1, num_q_heads, dim, dtype=query.dtype, device=device)
     inv_freq = inv_freq.to(device=device, dtype=torch.float32)
     with on_device(query):

@@ -230,9 +230,8 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
         partials = arrivals = query  # not read
     if out is None:
         out = torch.empty(batch, q_len, num_q_heads, head_dim, device=query.device, dtype=query.dtype)
-    numel = batch * num_q_heads * q_len
     lse = (torch.empty(batch, num_q_heads, q_len, device=query.device, dtype=torch.float32) if want_lse
-           else kept(query.device, "decode lse", numel, torch.float32))
+           else kept(query.device, "decode lse", batch * num_q_heads * q_len, torch.float32))
     idx, cnt = pattern.block_indices, pattern.block_counts
     _sparse_decode_kernel[(splits, batch * heads)](
         query, key, value, out, lse, partials, arrivals, idx, cnt, kv_start if kv_start is not None else cnt,
