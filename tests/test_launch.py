@@ -134,3 +134,45 @@ def test_fast_launch_calls_triton_once_a_key_then_the_compiled_kernel():
     fast[(2,)](x, 5, 64)
     fast[(2,)](x, 5, 64)  # a constexpr by position, keyed by its value
     assert len(launches) == 8 and direct[-1] == ((2, 1, 1), (x, 5, 64, True))
+
+
+def test_dependent_launch_only_where_the_gpu_and_triton_have_it():
+    from hf_longattn.kernels.launch import dependent_launch
+
+    assert dependent_launch(torch.device("cpu")) == {}
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9:
+        assert dependent_launch(torch.device("cuda")) == {}  # before Hopper: no programmatic dependent launch
+
+
+@gpu
+@pytest.mark.gpu
+def test_dependent_launches_compute_what_ordinary_launches_do(monkeypatch):
+    """HiP decode steps chained as layers are (each step's output is the next one's query), its three kernels launched
+    to overlap each other's ends, against the same launched one after another: bit for bit the same."""
+    from hf_longattn.kernels import launch
+    from hf_longattn.methods.base import AttentionCall
+    from hf_longattn.methods.hip import Hip, HipConfig
+
+    if not launch.dependent_launch(torch.device("cuda")):
+        pytest.skip("this GPU or Triton has no programmatic dependent launch")
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+    layers = [(randn(1, 8, 32768, 128), randn(1, 8, 32768, 128)) for _ in range(3)]
+    first = randn(1, 32, 1, 128)
+
+    def run(steps=8):
+        outs, query = [], first
+        for step in range(steps):
+            key, value = layers[step % len(layers)]
+            out = Hip(HipConfig()).attend(query, key, value, AttentionCall(0, 128**-0.5, None, None))
+            outs.append(out)
+            query = out.reshape(1, 1, 32, 128).transpose(1, 2) * 4  # the next step depends on this one's output
+        torch.cuda.synchronize()
+        return torch.stack(outs)
+
+    overlapped = run()
+    monkeypatch.setattr(launch, "DEPENDENT_LAUNCH", False)
+    assert torch.equal(overlapped, run())

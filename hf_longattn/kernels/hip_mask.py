@@ -350,7 +350,7 @@ def hip_mask_triton(
     counts = torch.empty(batch, heads, n_qb, dtype=torch.int32, device=device)
     if not ids.numel():
         return SparsePattern(ids, counts.zero_(), block_size_q, block_size_k, sink, window)
-    hip_lse_kernel, hip_mask_kernel, hip_slice_kernel, score_scaling = _triton_modules()
+    hip_lse_kernel, hip_mask_kernel, hip_slice_kernel, score_scaling, dependent_launch = _triton_modules()
     strides = (*query.stride(), *key.stride())
     # Row b's start and offset are read at pointer + b: a strided view would read another row's.
     common = (query, key, counts if kv_start is None else kv_start.to(device).contiguous(),
@@ -362,6 +362,7 @@ def hip_mask_triton(
         hip_mask_kernel[grid](*common, ids, counts, *buffers, *strides, *sizes, **constants)
         return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
     survivors, programs, lse = scratch
+    overlap = dependent_launch(device)  # each kernel's launch overlaps the end of the one before it
     # Oversampled slices: their survivors, and arrival counters for the last one to merge them (else not read).
     buffers = ([kept(device, "hip survivors", survivors, torch.int32),
                 kept(device, "hip survivor scores", survivors, torch.float32), arrival_counters(device, programs)]
@@ -370,8 +371,8 @@ def hip_mask_triton(
     if lse is not None:  # the log-sum-exp estimate, in parallel for all slices (hip_lse_kernel)
         lse_grid, lse_size, lse_constants = lse
         lse_partials = kept(device, "hip lse partials", lse_size, torch.float32)
-        hip_lse_kernel[lse_grid](*common, lse_partials, *strides, *sizes, **lse_constants)
-    hip_slice_kernel[grid](*common, ids, counts, *buffers, lse_partials, *strides, *sizes, **constants)
+        hip_lse_kernel[lse_grid](*common, lse_partials, *strides, *sizes, **lse_constants, **overlap)
+    hip_slice_kernel[grid](*common, ids, counts, *buffers, lse_partials, *strides, *sizes, **constants, **overlap)
     return SparsePattern(ids, counts, block_size_q, block_size_k, sink, window)
 
 
@@ -379,9 +380,10 @@ def hip_mask_triton(
 def _triton_modules():
     """Triton is imported on first use only (a test sets TRITON_INTERPRET=1 first); a decode step imports nothing."""
     from .hip_mask_kernel import hip_lse_kernel, hip_mask_kernel, hip_slice_kernel
+    from .launch import dependent_launch
     from .triton_prefill import score_scaling
 
-    return hip_lse_kernel, hip_mask_kernel, hip_slice_kernel, score_scaling
+    return hip_lse_kernel, hip_mask_kernel, hip_slice_kernel, score_scaling, dependent_launch
 
 
 @functools.lru_cache(maxsize=256)

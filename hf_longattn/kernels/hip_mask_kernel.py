@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import fast_launch
-from .triton_prefill import _scores
+from .triton_prefill import _after_previous_kernel, _next_kernel_may_start, _scores
 
 
 @triton.jit
@@ -290,12 +290,14 @@ def hip_lse_kernel(
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
     DIM_P2: tl.constexpr, TILE: tl.constexpr, STRATA: tl.constexpr, LOCAL_TILES: tl.constexpr,
     LSE_PARTS: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
-    HAS_Q_OFFSET: tl.constexpr,
+    HAS_Q_OFFSET: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The sliced search's log-sum-exp estimate (`_estimated_lse`), one tile of its keys per program: a program folds
     tile t of LSE_PARTS for one (batch, pattern head, query block) into a partial (m, l) per row, which
     `hip_slice_kernel` merges. Each slice would otherwise read all of the estimate's keys itself, as many times over
     as there are slices."""
+    _after_previous_kernel(PDL)
+    _next_kernel_may_start(PDL)  # the slices: they wait for this kernel's end, but their launch overlaps it
     b, h, qb, t, program = _grid_place(num_heads, num_q_blocks, LSE_PARTS)
     q_tile, row_live, q_pos, last_pos, block_rows = _queries(
         Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD, BLOCK_Q, STRIDE,
@@ -346,10 +348,11 @@ def hip_slice_kernel(
     DIM_P2: tl.constexpr, NSEL: tl.constexpr, NKEEP: tl.constexpr, NSEL_P2: tl.constexpr, NLOC: tl.constexpr,
     NLOC_P2: tl.constexpr, SLICES: tl.constexpr, LSE_PARTS: tl.constexpr, DIGIT: tl.constexpr,
     PRECISION: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KV_START: tl.constexpr,
-    HAS_Q_OFFSET: tl.constexpr,
+    HAS_Q_OFFSET: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """One program = one slice (NLOC consecutive groups of NSEL) of one (batch, pattern head, query block)'s search;
     with oversampling (NSEL > NKEEP) the last slice to finish keeps the NKEEP best survivors of all slices."""
+    _after_previous_kernel(PDL)
     b, h, qb, sl, program = _grid_place(num_heads, num_q_blocks, SLICES)
     HALVES: tl.constexpr = 2 * NLOC_P2
 
@@ -424,6 +427,7 @@ def hip_slice_kernel(
             survivors = program * NSEL + first + slot
             tl.store(SURVIVORS + survivors, gs, mask=g < width)
             tl.store(SURVIVOR_SCORES + survivors, score, mask=g < width)
+            _next_kernel_may_start(PDL)  # the attention: its launch overlaps the merge, which it waits for
             # All of this program's survivors are written before it counts itself in (release); the last slice to
             # arrive reads everyone's (acquire), keeps the best and resets the counter for the next launch.
             tl.debug_barrier()

@@ -13,11 +13,17 @@ kernel.
 
 The direct call follows the launcher convention of Triton 3.6 to 3.x (every parameter passed, constexprs included);
 other versions, the interpreter and non-CUDA backends launch through Triton as usual.
+
+`dependent_launch(device)`: whether the decode kernels may be launched as programmatic dependent launches (PDL,
+Hopper and later). Such a kernel may start while the kernel before it ends; it waits for that kernel (and its writes)
+before it touches memory, so the overlap hides only the launch and the start of its programs.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 from itertools import repeat
 from functools import reduce
 from operator import attrgetter, eq, itemgetter, methodcaller, mod, not_, or_
@@ -132,3 +138,28 @@ class FastLaunch:
 
 def fast_launch(kernel) -> FastLaunch:
     return FastLaunch(kernel)
+
+
+DEPENDENT_LAUNCH = True  # False: every kernel starts after the previous one ends (benchmarks compare)
+
+
+def dependent_launch(device: torch.device) -> dict:
+    """The launch options of a kernel that may overlap the end of the one before it on `device` ({} where it may
+    not). The kernel must take `PDL: tl.constexpr` and wait (`triton_prefill._after_previous_kernel`) first."""
+    return {"PDL": True, "launch_pdl": True} if DEPENDENT_LAUNCH and _pdl_capable(device) else {}
+
+
+@functools.cache
+def _pdl_capable(device: torch.device) -> bool:
+    """Hopper or later on CUDA >= 12.3 (captured into CUDA graphs), compiled (not interpreted) Triton that has the
+    launch option and the wait."""
+    if device.type != "cuda" or torch.version.cuda is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    cuda = tuple(int(part) for part in torch.version.cuda.split(".")[:2])
+    return ("launch_pdl" in CUDAOptions.__dataclass_fields__ and cuda >= (12, 3)
+            and torch.cuda.get_device_capability(device)[0] >= 9)

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast_launch
-from .triton_prefill import _load_kv, _scores, _softmax_step, dot_precision, key_tile_size, score_scaling
+from .launch import dependent_launch, fast_launch
+from .triton_prefill import (_after_previous_kernel, _load_kv, _scores, _softmax_step, dot_precision, key_tile_size,
+                             score_scaling)
 from .workspace import arrival_counters, kept
 
 # Decode runs when the queries fit one query block and are at most this many (else the prefill kernel runs).
@@ -100,8 +101,9 @@ def _sparse_decode_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, KV_GROUP: tl.constexpr, BK: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, Q_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-    MERGE: tl.constexpr,
+    MERGE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _after_previous_kernel(PDL)
     BLOCK_M: tl.constexpr = G_PAD * Q_PAD
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -240,6 +242,6 @@ def sparse_decode(query, key, value, pattern, scale: float, softcap: float | Non
         *cnt.stride()[:2], heads, q_len, key.shape[2], pattern.sink_tokens, pattern.window_tokens, tiles_per_split,
         splits, *score_scaling(scale, softcap),
         HAS_KV_START=kv_start is not None, HAS_Q_OFFSET=q_offset is not None, SOFTCAP=softcap is not None,
-        **constants,
+        **constants, **dependent_launch(query.device),
     )
     return out, lse if want_lse else None

@@ -16,7 +16,28 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton without programmatic dependent launch (launch.dependent_launch then never asks for it)
+    gdc_launch_dependents = gdc_wait = None
+
+
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """A kernel launched as a programmatic dependent launch (launch.dependent_launch) may start before the previous
+    kernel ends: it waits for that kernel's end and writes before touching memory."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _next_kernel_may_start(PDL: tl.constexpr):
+    """Let the next kernel, if launched as a dependent launch, start its programs (they wait for this one's end)."""
+    if PDL:
+        gdc_launch_dependents()
 
 
 @triton.jit
