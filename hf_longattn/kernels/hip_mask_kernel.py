@@ -269,11 +269,18 @@ def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr
     else:
         digit = tl.arange(0, 1 << DIGIT).to(tl.uint32)
         threshold = tl.zeros([], dtype=tl.uint32)
-        for shift in tl.static_range(32 - DIGIT, -1, -DIGIT):
+        shift = tl.full([], 32 - DIGIT, tl.int32)
+        settled = tl.zeros([], tl.int32)
+        # Once exactly NKEEP keys lie at or above the threshold, its lower digits change nothing: stop there (on
+        # distinct scores, as soon as the digits tell the NKEEP-th from the next).
+        while (shift >= 0) & (settled == 0):
             # The largest digit that still leaves NKEEP keys at or above the threshold (counts fall as it grows).
-            candidate = threshold | (digit << shift)
+            candidate = threshold | (digit << shift.to(tl.uint32))
             count = tl.sum((key[None, :] >= candidate[:, None]).to(tl.int32), axis=1)
-            threshold = threshold | (tl.max(tl.where(count >= NKEEP, digit, 0), axis=0) << shift)
+            best = tl.max(tl.where(count >= NKEEP, digit, 0), axis=0)
+            threshold = threshold | (best << shift.to(tl.uint32))
+            settled = (tl.max(tl.where(digit == best, count, 0), axis=0) == NKEEP).to(tl.int32)
+            shift -= DIGIT
     above = valid & (key > threshold)
     tied = valid & (key == threshold)
     chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= NKEEP - tl.sum(above.to(tl.int32), axis=0)))
