@@ -138,4 +138,4 @@ def longheads_decode_kernel(
             s = tl.where(((t0 + offs_n < chunk_size) & (pos <= p))[None, :], s, float("-inf"))
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, PRECISION)
     _finish_split(Out, Lse, Partials, Arrivals, acc, m_i, l_i, b, bh, slot, M + 1, head, offs_m * 0, row_ok, offs_m,
-                  d, stride_ob, 0, stride_oh, num_heads * G, 1, HEAD_DIM, G_PAD, D_PAD, 1)
+                  d, stride_ob, 0, stride_oh, num_heads * G, 1, HEAD_DIM, G_PAD, D_PAD, 4)
