@@ -37,6 +37,9 @@ VARIANTS = {
     "hip-beam": ("hip", {"decode_slices": 1, "decode_oversample": 1}),
     "hip-slices": ("hip", {"decode_oversample": 1}),  # slices that do not compete
     "hip-logit": ("hip", {"score": "logit"}),
+    # The decode budget of the defaults, a smaller one for the prompt: the paper's, or half the default's.
+    "hip-prefill-paper": ("hip", {"prefill_k": 512, "prefill_window": 256}),
+    "hip-prefill-half": ("hip", {"prefill_k": 1024, "prefill_window": 512}),
 }
 
 

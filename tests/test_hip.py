@@ -47,8 +47,25 @@ def test_defaults_search_every_step_on_the_retrieval_budget_and_paper_preset_is_
     assert HipConfig.from_options("hip", p.options()) == p  # options() round-trips
 
 
+def test_the_prefill_budget_is_the_decode_budget_unless_given():
+    assert (HipConfig().prefill_k, HipConfig().prefill_window) == (2048, 1024)
+    assert (HipConfig(preset="paper").prefill_k, HipConfig(k=256, window=64).prefill_window) == (512, 64)
+    c = HipConfig(prefill_k=512, prefill_window=256)
+    assert (c.k, c.window, c.prefill_k, c.prefill_window) == (2048, 1024, 512, 256)
+
+
+def test_a_prefill_call_searches_with_the_prefill_budget_and_a_decode_step_with_the_decode_budget():
+    method = Hip(HipConfig(k=64, window=32, prefill_k=16, prefill_window=8, block_size_q=16, block_size_k=4))
+    query, key = _qk(q_len=64, k_len=256)
+    prefill = method.select(query, key, AttentionCall(0, 0.25, None, None))
+    step = method.select(query[:, :, -1:], key, AttentionCall(0, 0.25, None, None))
+    assert (prefill.max_blocks, prefill.window_tokens, step.max_blocks, step.window_tokens) == (4, 8, 16, 32)
+
+
 @pytest.mark.parametrize("options,message", [
     ({"k": 7}, "multiple of block_size_k"),
+    ({"prefill_k": 7}, "prefill_k=7 must be a multiple of block_size_k"),
+    ({"prefill_window": -1}, ">= 0"),
     ({"k": 0}, "positive"),
     ({"preset": "fast"}, "preset"),
     ({"window": -1}, ">= 0"),

@@ -54,6 +54,10 @@ class HipConfig(MethodConfig):
     preset: str = DEFAULT_PRESET
     # Tokens selected per query block (k / block_size_k key blocks), beyond sink and window.
     k: int | None = None
+    # The budget of prefill calls (more queries than one block), where it differs from decode's: None takes the
+    # preset's when k is the preset's too, else k (window likewise).
+    prefill_k: int | None = None
+    prefill_window: int | None = None
     block_size_q: int = 64
     block_size_k: int = 2
     # Every query_stride-th query of a block scores the candidate blocks.
@@ -78,17 +82,24 @@ class HipConfig(MethodConfig):
     def validate(self):
         if self.preset not in HIP_PRESETS:
             raise ConfigError(f"preset={self.preset!r} is unknown; choose one of {', '.join(HIP_PRESETS)}")
-        for name, value in HIP_PRESETS[self.preset].items():
+        preset = HIP_PRESETS[self.preset]
+        for prefill, decode in (("prefill_k", "k"), ("prefill_window", "window")):
+            if getattr(self, prefill) is None and getattr(self, decode) is not None:
+                setattr(self, prefill, getattr(self, decode))  # an explicit decode budget is the prefill's too
+        for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        positive(self, "k", "block_size_q", "block_size_k", "query_stride", "refresh_interval")
-        non_negative(self, "window", "sink")
-        if self.k % self.block_size_k:
-            fixed = max(self.block_size_k, self.k // self.block_size_k * self.block_size_k)
-            raise ConfigError(
-                f"k={self.k} must be a multiple of block_size_k={self.block_size_k} (k counts whole key blocks); "
-                f"use k={fixed}"
-            )
+        self.prefill_k = self.k if self.prefill_k is None else self.prefill_k
+        self.prefill_window = self.window if self.prefill_window is None else self.prefill_window
+        positive(self, "k", "prefill_k", "block_size_q", "block_size_k", "query_stride", "refresh_interval")
+        non_negative(self, "window", "prefill_window", "sink")
+        for name in ("k", "prefill_k"):
+            if getattr(self, name) % self.block_size_k:
+                fixed = max(self.block_size_k, getattr(self, name) // self.block_size_k * self.block_size_k)
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} must be a multiple of block_size_k={self.block_size_k} ({name} "
+                    f"counts whole key blocks); use {name}={fixed}"
+                )
         if self.query_stride > self.block_size_q:
             raise ConfigError(
                 f"query_stride={self.query_stride} skips past the whole query block (block_size_q="
@@ -138,8 +149,9 @@ class Hip(SparseMethod):
             return state["pattern"]
 
         pattern = hip_mask(
-            query, key, k=c.k, block_size_q=c.block_size_q, block_size_k=c.block_size_k, query_stride=c.query_stride,
-            sink=c.sink, window=c.window, shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start, score=c.score,
+            query, key, k=c.k if decoding else c.prefill_k, block_size_q=c.block_size_q, block_size_k=c.block_size_k,
+            query_stride=c.query_stride, sink=c.sink, window=c.window if decoding else c.prefill_window,
+            shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start, score=c.score,
             scale=call.scale, softcap=call.softcap, q_offset=call.q_offset, slices=c.decode_slices if decoding else 1,
             oversample=c.decode_oversample if decoding else 1,
         )
