@@ -257,9 +257,20 @@ def hip_mask_kernel(
 
 
 @triton.jit
+def _bitwise_and(a, b):
+    return a & b
+
+
+@triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
 def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr):
     """Store, in ascending order, the NKEEP best of the survivors (ids in ascending order, their scores; ties go to
-    the lower block) at out: the n-th largest score is found DIGIT bits at a time (a radix select), no sort."""
+    the lower block; at least NKEEP valid) at out: the n-th largest score is found DIGIT bits at a time (a radix
+    select), no sort."""
     bits = scores.to(tl.int32, bitcast=True)
     key = (tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) ^ -2147483648).to(tl.uint32, bitcast=True)  # float order
     key = tl.where(valid, key, 0)
@@ -267,9 +278,17 @@ def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr
         at = tl.arange(0, key.shape[0])
         threshold = tl.max(tl.where(at == NKEEP - 1, tl.sort(key, descending=True), 0), axis=0)
     else:
+        tl.static_assert(32 % DIGIT == 0, "the radix select takes digits that divide 32 bits")
         digit = tl.arange(0, 1 << DIGIT).to(tl.uint32)
-        threshold = tl.zeros([], dtype=tl.uint32)
-        shift = tl.full([], 32 - DIGIT, tl.int32)
+        # The bits all valid keys share are the threshold's too: the select starts at the digit holding the highest
+        # bit where they differ (or the one above it, where the float log2 rounds up: one more pass, same result).
+        common = tl.reduce(tl.where(valid, key, 0xFFFFFFFF), 0, _bitwise_and)
+        mixed = common ^ tl.reduce(key, 0, _bitwise_or)
+        top = tl.minimum(tl.log2(tl.maximum(mixed, 1).to(tl.float32)).to(tl.int32), 31)
+        shift = tl.where(mixed == 0, -DIGIT, top // DIGIT * DIGIT)  # all valid keys equal: nothing to select
+        above_window = (shift + DIGIT).to(tl.uint32)
+        threshold = tl.where(mixed == 0, common,
+                             tl.where(above_window >= 32, 0, (common >> above_window) << above_window))
         settled = tl.zeros([], tl.int32)
         # Once exactly NKEEP keys lie at or above the threshold, its lower digits change nothing: stop there (on
         # distinct scores, as soon as the digits tell the NKEEP-th from the next).
