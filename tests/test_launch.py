@@ -98,16 +98,17 @@ def test_fast_launch_calls_triton_once_a_key_then_the_compiled_kernel():
 
     from hf_longattn.kernels.launch import FastLaunch
 
-    launches, direct = [], []
+    launches, direct, hooks = [], [], []
 
     class Compiled:
         function = packed_metadata = None
 
         def launch_metadata(self, grid, stream, *params):
-            return None
+            return {"grid": grid}
 
         def run(self, x, y, z, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *params):
             direct.append(((x, y, z), params))
+            hooks.append((launch_metadata, enter_hook, exit_hook))
 
     class StandIn:  # kernel[grid](...) launches through Triton and returns the compiled kernel
         @staticmethod
@@ -134,6 +135,15 @@ def test_fast_launch_calls_triton_once_a_key_then_the_compiled_kernel():
     fast[(2,)](x, 5, 64)
     fast[(2,)](x, 5, 64)  # a constexpr by position, keyed by its value
     assert len(launches) == 8 and direct[-1] == ((2, 1, 1), (x, 5, 64, True))
+    # Launch hooks: Triton keeps them as chains, never None. An empty chain is no hook: no metadata, nothing to call.
+    chain = triton.knobs.HookChain if hasattr(triton, "knobs") else None
+    if chain is not None:
+        fast._runtime = SimpleNamespace(launch_enter_hook=chain(), launch_exit_hook=chain(reversed=True))
+        fast[(2,)](x, 5, 64)
+        assert hooks[-1] == (None, None, None)
+        fast._runtime.launch_enter_hook.add(print)
+        fast[(2,)](x, 5, 64)
+        assert hooks[-1] == ({"grid": (2,)}, fast._runtime.launch_enter_hook, None)
 
 
 def test_dependent_launch_only_where_the_gpu_and_triton_have_it():

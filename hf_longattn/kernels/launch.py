@@ -129,11 +129,17 @@ class FastLaunch:
         params = args + tail
         stream = self._stream(device)
         x, y, z = (*grid, 1, 1)[:3]
-        enter_hook = self._runtime.launch_enter_hook
+        enter_hook, exit_hook = _hook(self._runtime.launch_enter_hook), _hook(self._runtime.launch_exit_hook)
         # launch_metadata is None without a hook (Triton's own shortcut), and costs a call with every parameter.
         metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *params)
-        compiled.run(x, y, z, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
-                     self._runtime.launch_exit_hook, *params)
+        compiled.run(x, y, z, stream, compiled.function, compiled.packed_metadata, metadata, enter_hook, exit_hook,
+                     *params)
+
+
+def _hook(hook):
+    """None for no hook: Triton keeps its launch hooks as chains that are never None, and calling an empty one (and
+    building the metadata for it) costs every launch host time for nothing."""
+    return None if hook is None or getattr(hook, "calls", None) == [] else hook
 
 
 def fast_launch(kernel) -> FastLaunch:
