@@ -54,8 +54,8 @@ class HipConfig(MethodConfig):
     preset: str = DEFAULT_PRESET
     # Tokens selected per query block (k / block_size_k key blocks), beyond sink and window.
     k: int | None = None
-    # The budget of prefill calls (more queries than one block), where it differs from decode's: None takes the
-    # preset's when k is the preset's too, else k (window likewise).
+    # The budget of prefill calls (more queries than one block), where it differs from decode's; None: k (window
+    # likewise).
     prefill_k: int | None = None
     prefill_window: int | None = None
     block_size_q: int = 64
@@ -82,11 +82,7 @@ class HipConfig(MethodConfig):
     def validate(self):
         if self.preset not in HIP_PRESETS:
             raise ConfigError(f"preset={self.preset!r} is unknown; choose one of {', '.join(HIP_PRESETS)}")
-        preset = HIP_PRESETS[self.preset]
-        for prefill, decode in (("prefill_k", "k"), ("prefill_window", "window")):
-            if getattr(self, prefill) is None and getattr(self, decode) is not None:
-                setattr(self, prefill, getattr(self, decode))  # an explicit decode budget is the prefill's too
-        for name, value in preset.items():
+        for name, value in HIP_PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.prefill_k = self.k if self.prefill_k is None else self.prefill_k
