@@ -288,6 +288,32 @@ def test_triton_kernel_launch_settings_keep_the_selection(launch):
     assert torch.equal(got.block_indices.cpu(), expected.block_indices)
 
 
+@pytest.mark.parametrize("select_bits", [1, 2, 8, 0])
+@pytest.mark.parametrize("distinct_keys", [700, 3, 1], ids=["random", "three-keys", "all-tied"])
+def test_beam_select_by_digit_keeps_the_selection(select_bits, distinct_keys):
+    # The beam kernel keeps each round's best halves by a radix select of select_bits a pass (0: a sort): 64 halves
+    # for 32 groups, four rounds. The keys are drawn with repeats from a pool of 700, 3 or 1, so halves tie, also
+    # between groups that scored differently in the round before: the lower half must win (the groups kept in the
+    # order they lie, not by score).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _qk(1, 4, 2, 20, 700, 16, seed=11)
+    k = k[:, :, torch.randint(distinct_keys, (700,), generator=torch.Generator().manual_seed(1))]
+    options = dict(SMALL, k=64, q_offset=torch.tensor([680]))
+    _assert_same_search(q, k, options, {"select_bits": select_bits}, device)
+
+
+@pytest.mark.parametrize("oversample", [1, 2])
+@pytest.mark.parametrize("distinct_keys", [700, 3], ids=["random", "three-keys"])
+def test_sliced_search_with_repeated_keys_keeps_the_selection(oversample, distinct_keys):
+    # The sliced kernel's rounds break ties as the beam's do: keys drawn with repeats tie halves of groups that scored
+    # differently in the round before, and the lower half must win. Two slices of 8 groups (16 with oversampling).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k = _qk(2, 4, 2, 1, 700, 16, seed=12)
+    k = k[:, :, torch.randint(distinct_keys, (700,), generator=torch.Generator().manual_seed(2))]
+    options = dict(SMALL, k=32, slices=2, oversample=oversample, q_offset=torch.tensor([650, 699]))
+    _assert_same_search(q, k, options, {}, device)
+
+
 @pytest.mark.parametrize("launch", [{"tile_keys": 16, "merge_bits": 1}, {"tile_keys": 32, "merge_bits": 2},
                                     {"merge_bits": 8}, {"merge_bits": 0}])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "all-tied"])

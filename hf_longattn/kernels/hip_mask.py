@@ -227,7 +227,8 @@ def _search(q_sel, keys, q_pos, q_live, lo, hi, start, *, n_sel, block_size_q, b
     ends = torch.nn.functional.pad(bounds[..., 1:], pad).unsqueeze(1).expand(batch, heads, -1, -1).contiguous()
     # Each slice keeps as many halves as it has groups.
     width = torch.clamp(n_sel - torch.arange(n_slices, device=device) * per_slice, max=per_slice)
-    kept = (torch.arange(per_slice, device=device) < width.unsqueeze(-1)).flatten()
+    keeps = torch.arange(per_slice, device=device) < width.unsqueeze(-1)  # [slices, per_slice]
+    kept = keeps.flatten()
     slice_base = (torch.arange(n_slices, device=device) * 2 * per_slice).unsqueeze(-1)
     while largest > 1:
         mid = starts + (ends - starts + 1) // 2
@@ -236,7 +237,10 @@ def _search(q_sel, keys, q_pos, q_live, lo, hi, start, *, n_sel, block_size_q, b
         rep = (half_start + half_end - 1).clamp(min=0) // 2
         scores = _block_scores(q_sel, keys, q_pos, q_live, lse, rep, block_size_k, scale, softcap)
         scores = scores.masked_fill(half_end <= half_start, -torch.inf).view(batch, heads, n_qb, n_slices, -1)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :per_slice]
+        # A slice keeps its `width` best halves (ties: the lower half) in the order they lie: group g of the next
+        # round is the g-th of them (the halves it drops sort last, and are emptied).
+        best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :per_slice]
+        order = torch.where(keeps, best, 2 * per_slice).sort(dim=-1).values.clamp(max=2 * per_slice - 1)
         order = (order + slice_base).flatten(-2)
         starts, ends = half_start.gather(-1, order), half_end.gather(-1, order)
         ends = torch.where(kept, ends, starts)
@@ -312,10 +316,11 @@ def hip_mask_reference(
 # programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log), "decode" for a
 # sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
 # stages: key tiles in flight while one is scored; transposed (beam kernel): score keys x queries instead of queries x
-# keys, which moves the max over the queries from across warps to within them; merge_bits (decode): bits of the
-# survivors' scores that each pass of the oversampled merge's radix select settles.
+# keys, which moves the max over the queries from across warps to within them; select_bits (beam kernel) and merge_bits
+# (decode): bits of the scores that each pass of a radix select settles (the beam's per-round select of its best
+# halves, the oversampled merge's of its best survivors; 0 sorts instead).
 LAUNCH_SETTINGS = {
-    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2, "transposed": False},
+    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2, "transposed": False, "select_bits": 2},
     "decode": {"tile_keys": 128, "num_warps": 4, "merge_bits": 2},
 }
 
@@ -434,8 +439,8 @@ def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_s
     nsel_p2 = max(8, _next_power_of_2(n_sel))
     constants.update(NSEL=n_sel, NSEL_P2=nsel_p2, STRATA=LSE_STRATA, STAGES=settings["stages"], NORMALIZE=normalize,
                      CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
-                     TRANSPOSED=settings.get("transposed", False))
-    scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32, torch.int64))
+                     TRANSPOSED=settings.get("transposed", False), DIGIT=settings["select_bits"])
+    scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32))
     return False, (n_qb, batch * heads), scratch, constants
 
 

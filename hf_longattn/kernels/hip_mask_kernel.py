@@ -3,10 +3,11 @@ and the launcher (`hip_mask_triton`).
 
 * `hip_mask_kernel`: one beam per query block (``slices=1``), one program per (batch, pattern head, query block). The
   beam can be wide (the paper's 256 groups = 512 halves a round), so the halves are scored in tiles into a small
-  per-program scratch area in global memory and sorted there, with barriers between the phases.
+  per-program scratch area in global memory, and the best are found there by a radix select, with barriers between
+  the phases.
 * `hip_slice_kernel`: a sliced search, one program per (batch, pattern head, query block, slice). A slice is narrow
   (at most 64 groups of 2-token blocks), so a round lives in registers: all its halves are scored in one tile and the
-  best are kept by rank (each half counts the halves that beat it) instead of a sort through memory. A decode step
+  best are kept by rank (each half counts the halves that beat it) instead of a select through memory. A decode step
   is then a few short programs per kv head instead of one long chain of rounds.
 * `hip_lse_kernel`: the sliced search's log-sum-exp estimate, launched just before it, one tile of the estimate's
   keys per program; each slice merges the partials instead of reading all of those keys itself.
@@ -164,13 +165,13 @@ def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, st
 # Lengths and positions change at every step: specialising on them would recompile the kernel as they do.
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_mask_kernel(
-    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, GROUPS, SCORES, SORTED,
+    Q, K, KV_START, Q_OFFSET, OUT_IDX, OUT_COUNT, GROUPS, SCORES,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
     q_len, k_len, num_heads, num_q_blocks, sink, window, score_scale, softcap_log2,
     PER_HEAD: tl.constexpr, KV_DIV: tl.constexpr, BLOCK_Q: tl.constexpr, STRIDE: tl.constexpr,
     NQ: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr, BK_P2: tl.constexpr, DIM: tl.constexpr,
     DIM_P2: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, CHUNK: tl.constexpr, STRATA: tl.constexpr,
-    PRECISION: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr,
+    DIGIT: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, NORMALIZE: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_KV_START: tl.constexpr, HAS_Q_OFFSET: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """One program = one (batch, pattern head, query block) with one beam; the algorithm is in hip_mask.py."""
@@ -178,7 +179,6 @@ def hip_mask_kernel(
     HALVES: tl.constexpr = 2 * NSEL_P2
     groups = GROUPS + program * HALVES  # starts at [0, NSEL_P2), ends at [NSEL_P2, 2 NSEL_P2)
     scores_ptr = SCORES + program * HALVES
-    sorted_ptr = SORTED + program * HALVES
 
     q_tile, row_live, q_pos, last_pos, block_rows = _queries(
         Q, Q_OFFSET, b, h, qb, q_len, k_len, stride_qb, stride_qh, stride_ql, stride_qd, PER_HEAD, BLOCK_Q, STRIDE,
@@ -227,32 +227,30 @@ def hip_mask_kernel(
             tl.store(scores_ptr + half, tl.where(z > a, best, float("-inf")))
         tl.debug_barrier()
 
-        # Keep the NSEL best halves: sort (score, lower index first) packed into one int64 key.
+        # Keep the NSEL best halves (ties: the lower half) in the order they lie: group g of the next round is the
+        # g-th of them, so the groups stay in ascending order.
         i = tl.arange(0, HALVES)
-        bits = tl.load(scores_ptr + i).to(tl.int32, bitcast=True)
-        order = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        packed = tl.sort((order.to(tl.int64) << 32) | (HALVES - 1 - i).to(tl.int64), descending=True)
-        tl.store(sorted_ptr + i, packed)
-        tl.debug_barrier()
-        win = HALVES - 1 - (tl.load(sorted_ptr + g) & 0xFFFFFFFF).to(tl.int32)
-        gs = tl.load(groups + win // 2)
-        ge = tl.load(groups + NSEL_P2 + win // 2)
+        gs = tl.load(groups + i // 2)
+        ge = tl.load(groups + NSEL_P2 + i // 2)
         mid = gs + (ge - gs + 1) // 2
-        a = tl.where(g < NSEL, tl.where(win % 2 == 0, gs, mid), 0)
-        z = tl.where(g < NSEL, tl.where(win % 2 == 0, mid, ge), 0)
+        a = tl.where(i % 2 == 0, gs, mid)
+        z = tl.where(i % 2 == 0, mid, ge)
+        chosen = _best(tl.load(scores_ptr + i), i < 2 * NSEL, NSEL, DIGIT)
+        slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         tl.debug_barrier()
-        tl.store(groups + g, a)
-        tl.store(groups + NSEL_P2 + g, z)
+        tl.store(groups + slot, a, mask=chosen)
+        tl.store(groups + NSEL_P2 + slot, z, mask=chosen)
         largest = (largest + 1) // 2
 
     tl.debug_barrier()
     gs = tl.load(groups + g)
     ge = tl.load(groups + NSEL_P2 + g)
     live = ge > gs
-    ids = tl.sort(tl.where(live, gs, 2147483647))
     count = tl.sum(live.to(tl.int32), axis=0)
+    # The groups lie in ascending order: their live ones, packed, are the selection in ascending order.
     out = OUT_IDX + program * NSEL
-    tl.store(out + g, tl.where(g < count, ids, 0), mask=g < NSEL)
+    tl.store(out + tl.cumsum(live.to(tl.int32), axis=0) - 1, gs, mask=live)
+    tl.store(out + g, tl.zeros_like(g), mask=(g >= count) & (g < NSEL))
     tl.store(OUT_COUNT + program, count)
 
 
@@ -267,10 +265,9 @@ def _bitwise_or(a, b):
 
 
 @triton.jit
-def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr):
-    """Store, in ascending order, the NKEEP best of the survivors (ids in ascending order, their scores; ties go to
-    the lower block; at least NKEEP valid) at out: the n-th largest score is found DIGIT bits at a time (a radix
-    select), no sort."""
+def _best(scores, valid, NKEEP: tl.constexpr, DIGIT: tl.constexpr):
+    """Which of the scores are the NKEEP best of the valid ones (at least NKEEP; ties go to the lower index): the
+    n-th largest score is found DIGIT bits at a time (a radix select), no sort (DIGIT=0: by a sort)."""
     bits = scores.to(tl.int32, bitcast=True)
     key = (tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) ^ -2147483648).to(tl.uint32, bitcast=True)  # float order
     key = tl.where(valid, key, 0)
@@ -302,7 +299,14 @@ def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr
             shift -= DIGIT
     above = valid & (key > threshold)
     tied = valid & (key == threshold)
-    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= NKEEP - tl.sum(above.to(tl.int32), axis=0)))
+    return above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= NKEEP - tl.sum(above.to(tl.int32), axis=0)))
+
+
+@triton.jit
+def _keep_best(ids, scores, valid, out, NKEEP: tl.constexpr, DIGIT: tl.constexpr):
+    """Store, in ascending order, the NKEEP best of the survivors (ids in ascending order, their scores; ties go to
+    the lower block; at least NKEEP valid) at out."""
+    chosen = _best(scores, valid, NKEEP, DIGIT)
     tl.store(out + tl.cumsum(chosen.to(tl.int32), axis=0) - 1, ids, mask=chosen)
 
 
@@ -420,16 +424,15 @@ def hip_slice_kernel(
                         softcap_log2, SOFTCAP, PRECISION) - lse[:, None]
             visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
             score = tl.where(z > a, _block_max(tl.where(visible, s, -1e30), HALVES, BK_P2), float("-inf"))
-            # A half's rank: how many halves beat it (a higher score, or the same score and a lower index). Group g
-            # of the next round is the half of rank g, as a descending stable sort would order them.
+            # A slice keeps as many halves as it has groups: those that fewer than `width` halves beat (a higher score,
+            # or the same score and a lower index), in the order they lie: group g of the next round is the g-th.
             beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (i[None, :] < i[:, None]))
-            rank = tl.sum(beats.to(tl.int32), axis=1)
-            pick = rank[None, :] == g[:, None]
+            chosen = tl.sum(beats.to(tl.int32), axis=1) < width
+            pick = chosen[None, :] & ((tl.cumsum(chosen.to(tl.int32), axis=0) - 1)[None, :] == g[:, None])
             gs = tl.sum(tl.where(pick, a[None, :], 0), axis=1)
             ge = tl.sum(tl.where(pick, z[None, :], 0), axis=1)
             if NSEL != NKEEP and largest == 2:  # the last round: its halves are single blocks, scored as such
                 own = tl.sum(tl.where(pick, score[None, :], 0.0), axis=1)
-            ge = tl.where(g < width, ge, gs)  # a slice keeps as many halves as it has groups
             largest = (largest + 1) // 2
         # The slice's survivors in ascending order (slot = how many of them lie lower), empty groups after them.
         live = ge > gs
