@@ -425,10 +425,12 @@ def hip_slice_kernel(
             visible = row_live[:, None] & k_live[None, :] & (k_pos[None, :] <= q_pos[:, None])
             score = tl.where(z > a, _block_max(tl.where(visible, s, -1e30), HALVES, BK_P2), float("-inf"))
             # A slice keeps as many halves as it has groups: those that fewer than `width` halves beat (a higher score,
-            # or the same score and a lower index), in the order they lie: group g of the next round is the g-th.
+            # or the same score and a lower index), in the order they lie: group g of the next round is the g-th. (Each
+            # kept half's place is a count: at 128K a scan made the decode search 11 us slower, this 2 us.)
             beats = (score[None, :] > score[:, None]) | ((score[None, :] == score[:, None]) & (i[None, :] < i[:, None]))
             chosen = tl.sum(beats.to(tl.int32), axis=1) < width
-            pick = chosen[None, :] & ((tl.cumsum(chosen.to(tl.int32), axis=0) - 1)[None, :] == g[:, None])
+            before = tl.sum((chosen[None, :] & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+            pick = chosen[None, :] & (before[None, :] == g[:, None])
             gs = tl.sum(tl.where(pick, a[None, :], 0), axis=1)
             ge = tl.sum(tl.where(pick, z[None, :], 0), axis=1)
             if NSEL != NKEEP and largest == 2:  # the last round: its halves are single blocks, scored as such
