@@ -40,6 +40,9 @@ VARIANTS = {
     # The decode budget of the defaults, a smaller one for the prompt: the paper's, or half the default's.
     "hip-prefill-paper": ("hip", {"prefill_k": 512, "prefill_window": 256}),
     "hip-prefill-half": ("hip", {"prefill_k": 1024, "prefill_window": 512}),
+    # The search in query blocks of 128 scored by every 4th query: as many scored queries a block, half the blocks.
+    "hip-q128": ("hip", {"block_size_q": 128, "query_stride": 4}),
+    "hip-paper-q128": ("hip", {"preset": "paper", "block_size_q": 128, "query_stride": 4}),
 }
 
 

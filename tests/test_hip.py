@@ -37,7 +37,7 @@ def test_defaults_search_every_step_on_the_retrieval_budget_and_paper_preset_is_
     assert (c.preset, c.k, c.window, c.refresh_interval) == ("retrieval", 2048, 1024, 1)
     # 2 x 1024 groups in slices of 16 (SLICE_GROUPS, the fastest on the H200).
     assert (c.decode_oversample, c.decode_slices) == (2, 128)
-    assert (c.block_size_q, c.query_stride, c.block_size_k, c.sink, c.score) == (64, 2, 2, 16, "probability")
+    assert (c.block_size_q, c.query_stride, c.block_size_k, c.sink, c.score) == (128, 4, 2, 16, "probability")
     p = HipConfig(preset="paper")
     assert (p.k, p.window, p.refresh_interval, p.decode_oversample) == (512, 256, 8, 4)
     assert p.decode_slices == 64  # 4 x 256 groups
@@ -69,7 +69,7 @@ def test_a_prefill_call_searches_with_the_prefill_budget_and_a_decode_step_with_
     ({"k": 0}, "positive"),
     ({"preset": "fast"}, "preset"),
     ({"window": -1}, ">= 0"),
-    ({"query_stride": 128}, "query_stride"),
+    ({"query_stride": 256}, "query_stride"),
     ({"refresh_interval": 0}, "refresh_interval"),
     ({"decode_slices": 0}, "decode_slices"),
     ({"decode_oversample": 0}, "decode_oversample"),
@@ -277,7 +277,7 @@ def test_bf16_search_on_gpu_matches_reference(preset, q_len):
     assert same >= 0.99, f"only {same:.3f} of the blocks agree"
 
 
-@pytest.mark.parametrize("launch", [{"tile_keys": 16, "num_warps": 2, "stages": 2},
+@pytest.mark.parametrize("launch", [{"tile_keys": 16, "num_warps": 2, "stages": 2, "transposed": False},
                                     {"tile_keys": 256, "num_warps": 8, "stages": 1, "transposed": True}])
 def test_triton_kernel_launch_settings_keep_the_selection(launch):
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -313,14 +313,15 @@ def hip_mask_reference(
 
 
 # Launch settings of the Triton kernels: "prefill" for a search of many query blocks with one beam each (thousands of
-# programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log), "decode" for a
-# sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
+# programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log; transposed and one
+# stage since the per-round sort became a select and query blocks hold 128 queries: 10.1 against 12.1 ms for the paper
+# budget, 26.8 against 31.8 for retrieval's, H200_RUNS.md), "decode" for a sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
 # stages: key tiles in flight while one is scored; transposed (beam kernel): score keys x queries instead of queries x
 # keys, which moves the max over the queries from across warps to within them; select_bits (beam kernel) and merge_bits
 # (decode): bits of the scores that each pass of a radix select settles (the beam's per-round select of its best
 # halves, the oversampled merge's of its best survivors; 0 sorts instead).
 LAUNCH_SETTINGS = {
-    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 2, "transposed": False, "select_bits": 2},
+    "prefill": {"tile_keys": 64, "num_warps": 4, "stages": 1, "transposed": True, "select_bits": 2},
     "decode": {"tile_keys": 128, "num_warps": 4, "merge_bits": 2},
 }
 
@@ -439,7 +440,7 @@ def _search_plan(batch, num_q_heads, num_kv_heads, q_len, dim, dtype, k, block_s
     nsel_p2 = max(8, _next_power_of_2(n_sel))
     constants.update(NSEL=n_sel, NSEL_P2=nsel_p2, STRATA=LSE_STRATA, STAGES=settings["stages"], NORMALIZE=normalize,
                      CHUNK=min(2 * nsel_p2, max(settings["tile_keys"] // bk_p2, -(-16 // bk_p2))),
-                     TRANSPOSED=settings.get("transposed", False), DIGIT=settings["select_bits"])
+                     TRANSPOSED=settings["transposed"], DIGIT=settings["select_bits"])
     scratch = tuple((programs * 2 * nsel_p2, dtype) for dtype in (torch.int32, torch.float32))
     return False, (n_qb, batch * heads), scratch, constants
 
