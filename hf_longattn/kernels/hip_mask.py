@@ -33,8 +33,9 @@ empty); a key is visible to a query only if it exists (< Lk) and lies at or befo
 (hip_mask_kernel.py, imported on first use so that importing the package does not import Triton and tests can still
 choose TRITON_INTERPRET=1): a search of many query blocks with one beam runs one program per (batch, head, query
 block), a sliced search one program per slice (after a kernel that estimates the log-sum-exp for all slices at
-once). Both break score ties towards the lower half index, so they agree exactly up to float rounding. `hip_mask`
-dispatches (Triton on CUDA, the reference elsewhere) and is a torch custom op under torch.compile.
+once). Both keep each round's halves in the order they lie and break score ties towards the lower one, so they
+agree exactly up to float rounding. `hip_mask` dispatches (Triton on CUDA, the reference elsewhere) and is a torch
+custom op under torch.compile.
 """
 from __future__ import annotations
 
@@ -315,7 +316,8 @@ def hip_mask_reference(
 # Launch settings of the Triton kernels: "prefill" for a search of many query blocks with one beam each (thousands of
 # programs; the fastest of a sweep on an H200 at 128K, benchmarks/results/hip_mask_sweep_h200.log; transposed and one
 # stage since the per-round sort became a select and query blocks hold 128 queries: 10.1 against 12.1 ms for the paper
-# budget, 26.8 against 31.8 for retrieval's, H200_RUNS.md), "decode" for a sliced search. tile_keys: keys scored per tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
+# budget, 26.8 against 31.8 for retrieval's, H200_RUNS.md), "decode" for a sliced search. tile_keys: keys scored per
+# tile (the beam kernel's halves, both kernels' log-sum-exp estimate);
 # stages: key tiles in flight while one is scored; transposed (beam kernel): score keys x queries instead of queries x
 # keys, which moves the max over the queries from across warps to within them; select_bits (beam kernel) and merge_bits
 # (decode): bits of the scores that each pass of a radix select settles (the beam's per-round select of its best

@@ -60,8 +60,9 @@ class HipConfig(MethodConfig):
     prefill_window: int | None = None
     # Queries that share one selection, and every query_stride-th of them scores the candidate blocks. Blocks of 128
     # scored by every 4th query score as many queries as blocks of 64 by every 2nd (the earlier default) in half the
-    # searches: a 128K prompt's search takes half the time, for the same passkeys on 165 prompts and 0.02-0.2 points
-    # of prefill recall (benchmarks/results/hip_query_blocks_h200/, hip_prefill_recall.md).
+    # searches: a 128K prompt's search takes half the time, finding dense's passkeys on 165 prompts (blocks of 64 found
+    # one more) for 0.01-0.04 points of prompt recall, 0.2-0.3 at the paper's budget
+    # (benchmarks/results/hip_query_blocks_h200/, hip_prefill_recall.md).
     block_size_q: int = 128
     block_size_k: int = 2
     query_stride: int = 4
