@@ -43,6 +43,9 @@ VARIANTS = {
     # The search in query blocks of 128 scored by every 4th query: as many scored queries a block, half the blocks.
     "hip-q128": ("hip", {"block_size_q": 128, "query_stride": 4}),
     "hip-paper-q128": ("hip", {"preset": "paper", "block_size_q": 128, "query_stride": 4}),
+    "hip-q64": ("hip", {"block_size_q": 64, "query_stride": 2}),  # the layout before 128
+    "hip-q256": ("hip", {"block_size_q": 256, "query_stride": 8}),  # half the searches again
+    "hip-paper-q256": ("hip", {"preset": "paper", "block_size_q": 256, "query_stride": 8}),
 }
 
 
