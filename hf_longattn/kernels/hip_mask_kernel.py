@@ -162,6 +162,16 @@ def _estimated_lse(q_tile, kv_base, d, stride_kl, stride_kd, q_pos, row_live, st
     return _lse_of(m_i, l_i)
 
 
+@triton.jit
+def _halves(groups, half, NSEL_P2: tl.constexpr):
+    """Key blocks [a, z) of halves `half` of the beam's groups (half 2g + side of group g; starts at groups[0,
+    NSEL_P2), ends at groups[NSEL_P2, 2 NSEL_P2))."""
+    gs = tl.load(groups + half // 2)
+    ge = tl.load(groups + NSEL_P2 + half // 2)
+    mid = gs + (ge - gs + 1) // 2
+    return tl.where(half % 2 == 0, gs, mid), tl.where(half % 2 == 0, mid, ge)
+
+
 # Lengths and positions change at every step: specialising on them would recompile the kernel as they do.
 @triton.jit(do_not_specialize=["q_len", "k_len", "num_q_blocks"])
 def hip_mask_kernel(
@@ -208,11 +218,7 @@ def hip_mask_kernel(
         # A runtime loop (short compile); with STAGES > 1 the next chunk's keys load while this chunk is scored.
         for c0 in tl.range(0, HALVES, CHUNK, num_stages=STAGES):
             half = c0 + tl.arange(0, CHUNK)
-            gs = tl.load(groups + half // 2)
-            ge = tl.load(groups + NSEL_P2 + half // 2)
-            mid = gs + (ge - gs + 1) // 2
-            a = tl.where(half % 2 == 0, gs, mid)
-            z = tl.where(half % 2 == 0, mid, ge)
+            a, z = _halves(groups, half, NSEL_P2)
             k_pos, k_live = _block_keys(tl.maximum(a + z - 1, 0) // 2, z > a, k_len, BK, BK_P2, CHUNK)
             k_tile = _key_tile(kv_base, k_pos, k_live, d, stride_kl, stride_kd, DIM)
             if TRANSPOSED:
@@ -230,11 +236,7 @@ def hip_mask_kernel(
         # Keep the NSEL best halves (ties: the lower half) in the order they lie: group g of the next round is the
         # g-th of them, so the groups stay in ascending order.
         i = tl.arange(0, HALVES)
-        gs = tl.load(groups + i // 2)
-        ge = tl.load(groups + NSEL_P2 + i // 2)
-        mid = gs + (ge - gs + 1) // 2
-        a = tl.where(i % 2 == 0, gs, mid)
-        z = tl.where(i % 2 == 0, mid, ge)
+        a, z = _halves(groups, i, NSEL_P2)
         chosen = _best(tl.load(scores_ptr + i), i < 2 * NSEL, NSEL, DIGIT)
         slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
         tl.debug_barrier()
