@@ -78,11 +78,7 @@ def timings(fn, per_call: int = 1) -> dict:
 
 
 def mask_options(config: HipConfig, decode: bool) -> dict:
-    return dict(k=config.k if decode else config.prefill_k, block_size_q=config.block_size_q,
-                block_size_k=config.block_size_k, query_stride=config.query_stride, sink=config.sink,
-                window=config.window if decode else config.prefill_window,
-                shared_kv_heads=config.shared_kv_heads, score=config.score, scale=DIM**-0.5,
-                slices=config.decode_slices if decode else 1, oversample=config.decode_oversample if decode else 1)
+    return dict(config.search_options(decode), scale=DIM**-0.5)
 
 
 def qkv(q_len: int, context: int, seed: int):

@@ -123,6 +123,14 @@ class HipConfig(MethodConfig):
         if not isinstance(self.shared_kv_heads, bool):
             raise ConfigError(f"shared_kv_heads={self.shared_kv_heads!r} must be True or False")
 
+    def search_options(self, decoding: bool) -> dict:
+        """hip_mask's options for a decode step or a prefill call (each with its budget; slices only in decode)."""
+        return dict(k=self.k if decoding else self.prefill_k, block_size_q=self.block_size_q,
+                    block_size_k=self.block_size_k, query_stride=self.query_stride, sink=self.sink,
+                    window=self.window if decoding else self.prefill_window, shared_kv_heads=self.shared_kv_heads,
+                    score=self.score, slices=self.decode_slices if decoding else 1,
+                    oversample=self.decode_oversample if decoding else 1)
+
 
 class Hip(SparseMethod):
     name = "hip"
@@ -148,13 +156,8 @@ class Hip(SparseMethod):
             state["age"] += 1
             return state["pattern"]
 
-        pattern = hip_mask(
-            query, key, k=c.k if decoding else c.prefill_k, block_size_q=c.block_size_q, block_size_k=c.block_size_k,
-            query_stride=c.query_stride, sink=c.sink, window=c.window if decoding else c.prefill_window,
-            shared_kv_heads=c.shared_kv_heads, kv_start=call.kv_start, score=c.score,
-            scale=call.scale, softcap=call.softcap, q_offset=call.q_offset, slices=c.decode_slices if decoding else 1,
-            oversample=c.decode_oversample if decoding else 1,
-        )
+        pattern = hip_mask(query, key, **c.search_options(decoding), kv_start=call.kv_start, scale=call.scale,
+                           softcap=call.softcap, q_offset=call.q_offset)
         if reuse:
             # Steps until the next search add about q_len keys each; list now the blocks they push out of the window.
             covers = k_len + (c.refresh_interval - 1) * q_len
